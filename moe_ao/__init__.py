@@ -1,0 +1,34 @@
+"""moe_ao: mixed-precision post-training quantization for Mixture-of-Experts LLMs.
+
+Typical use::
+
+    units = moe_ao.units(model)
+    plan = moe_ao.Plan({u.name: 2 for u in units if u.kind == "expert"}, group_size=64)
+    model = moe_ao.quantize_(model, plan)
+    moe_ao.save_quantized(model, "out/")
+"""
+
+from moe_ao.api import MoEPlanConfig, QuantizationReport, quantization_report, quantize_, quantized_plan, whole_model
+from moe_ao.checkpoint import load_quantized, save_quantized
+from moe_ao.plan import Plan, QuantSpec
+from moe_ao.report import memory_report
+from moe_ao.tensors.packed import PackedWeight
+from moe_ao.units import Unit, units
+
+__all__ = [
+    "MoEPlanConfig",
+    "PackedWeight",
+    "Plan",
+    "QuantSpec",
+    "QuantizationReport",
+    "Unit",
+    "load_quantized",
+    "memory_report",
+    "quantization_report",
+    "quantize_",
+    "quantized_plan",
+    "save_quantized",
+    "units",
+    "whole_model",
+]
+__version__ = "0.1.0"

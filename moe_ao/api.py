@@ -1,0 +1,221 @@
+"""``quantize_``: apply a Plan to a model, all or nothing.
+
+Every planned unit is quantized into a new tensor before the model changes; only
+when all of them succeeded are the parameters swapped in. A failure anywhere
+(validation, NaN weights, a quantizer error) leaves the model exactly as it was.
+
+Quantizers are pluggable: RTN here; GPTQ supplies its own codes and scales per unit
+through the same ``QuantizedWeight`` record, and the same packer stores both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchao.core.config import AOBaseConfig
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from moe_ao import experts as experts_impl
+from moe_ao.plan import Plan, QuantSpec
+from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize
+from moe_ao.tensors.packed import PackedWeight
+from moe_ao.units import Unit, unit_weight, units
+
+logger = logging.getLogger(__name__)
+
+PLAN_ATTR = "_moe_ao_plan"
+REPORT_ATTR = "_moe_ao_report"
+UnitQuantizer = Callable[[Unit, torch.Tensor, QuantSpec], QuantizedWeight]
+
+
+@dataclass
+class QuantizationReport:
+    """What ``quantize_`` did, unit by unit.
+
+    Attributes:
+        method: quantizer name.
+        quantized: unit name -> {bits, kind, rel_error} for quantized units.
+        kept: unit name -> reason, for units left in floating point.
+        extra: quantizer-specific records (e.g. GPTQ fallbacks, tokens per expert).
+    """
+
+    method: str
+    quantized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "quantized": self.quantized, "kept": self.kept, "extra": self.extra}
+
+
+def rtn_unit(unit: Unit, W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantizer for one unit."""
+    return rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype=_scale_dtype(W))
+
+
+def _scale_dtype(W: torch.Tensor) -> torch.dtype:
+    # 16-bit models store 16-bit scales; float32/64 models keep full-precision scales.
+    return W.dtype if W.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _check_ties(model: nn.Module, plan: Plan, all_units: list[Unit]) -> None:
+    params: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), name)
+    for u in all_units:
+        if u.name in plan and plan[u.name].quantized:
+            owner = params.get(id(model.get_parameter(u.param)))
+            if owner is not None and owner != u.param:
+                raise ValueError(f"{u.name}: its weight is tied to {owner}; untie it before quantizing")
+
+
+def build_packed(
+    model: nn.Module,
+    plan: Plan,
+    results: Mapping[str, QuantizedWeight],
+    all_units: list[Unit],
+) -> dict[str, PackedWeight]:
+    """Packs per-unit results into new tensors, keyed by parameter FQN (no mutation)."""
+    by_param: dict[str, list[Unit]] = defaultdict(list)
+    for u in all_units:
+        by_param[u.param].append(u)
+    new: dict[str, PackedWeight] = {}
+    for fqn, param_units in by_param.items():
+        if not any(u.name in results for u in param_units):
+            continue
+        param = model.get_parameter(fqn)
+        if param_units[0].fused:
+            n_seg = max(u.segment for u in param_units) + 1
+            order = sorted(param_units, key=lambda u: (u.expert, u.segment))
+        else:
+            n_seg, order = 1, param_units
+        slices = [results.get(u.name, unit_weight(model, u).detach()) for u in order]
+        new[fqn] = PackedWeight.from_slices(slices, tuple(param.shape), n_seg, param.dtype)
+    return new
+
+
+def swap_in(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
+    """Replaces parameters by FQN; all Parameters are made before the first swap."""
+    params = {fqn: nn.Parameter(t, requires_grad=False) for fqn, t in new.items()}
+    for fqn, param in params.items():
+        owner_name, _, attr = fqn.rpartition(".")
+        setattr(model.get_submodule(owner_name), attr, param)
+
+
+def apply_results(
+    model: nn.Module,
+    plan: Plan,
+    results: Mapping[str, QuantizedWeight],
+    report: QuantizationReport,
+    all_units: list[Unit],
+) -> nn.Module:
+    """Packs, swaps in, selects the experts implementation and records plan + report."""
+    new = build_packed(model, plan, results, all_units)
+    swap_in(model, new)
+    if any(u.fused and u.name in results for u in all_units):
+        experts_impl.select(model)
+    setattr(model, PLAN_ATTR, plan)
+    setattr(model, REPORT_ATTR, report)
+    logger.info("quantized %d units into %d tensors", len(results), len(new))
+    return model
+
+
+def quantize_(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    method: str = "rtn",
+    calibration: Any = None,
+    **method_kwargs: Any,
+) -> nn.Module:
+    """Quantizes ``model`` in place according to ``plan`` and returns it.
+
+    Args:
+        model: a transformers MoE causal LM (any layout :func:`moe_ao.units` knows).
+        plan: unit name -> spec; units not named stay as they are.
+        method: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``).
+        calibration: calibration token batches for data-driven methods.
+        **method_kwargs: passed to the method (e.g. GPTQ's damp, act_order).
+
+    Returns:
+        The same model object, quantized.
+
+    Raises:
+        ValueError: the plan does not fit the model, a weight is not finite, the model
+            is already quantized, or the method is unknown. The model is unchanged.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a moe_ao.Plan, got {type(plan).__name__}")
+    if getattr(model, PLAN_ATTR, None) is not None:
+        raise ValueError("model is already quantized by moe_ao; load the float model again to re-quantize")
+    all_units = units(model)
+    plan.validate(all_units)
+    _check_ties(model, plan, all_units)
+    planned = [u for u in all_units if u.name in plan and plan[u.name].quantized]
+    report = QuantizationReport(method)
+    for u in all_units:
+        if u.name not in plan:
+            report.kept[u.name] = "not in plan"
+        elif not plan[u.name].quantized:
+            report.kept[u.name] = "planned at 16 bits"
+    if method == "rtn":
+        if method_kwargs:
+            raise ValueError(f"method 'rtn' takes no options; got {sorted(method_kwargs)}")
+        results = {}
+        for u in planned:
+            W = unit_weight(model, u).detach()
+            check_finite(W, u.name)
+            results[u.name] = rtn_unit(u, W, plan[u.name])
+    elif method == "gptq":
+        from moe_ao.quant.gptq_driver import gptq_results  # heavy; only when asked for
+
+        results = gptq_results(model, plan, planned, calibration, report, **method_kwargs)
+    else:
+        raise ValueError(f"method={method!r} is not supported; allowed: ('rtn', 'gptq')")
+    for u in planned:
+        q = results[u.name]
+        W = unit_weight(model, u).detach().float()
+        err = (q.dequantize(torch.float32) - W).norm() / W.norm().clamp_min(1e-12)
+        report.quantized[u.name] = {"kind": u.kind, "bits": q.bits, "rel_error": round(err.item(), 6)}
+    return apply_results(model, plan, results, report, all_units)
+
+
+def quantized_plan(model: nn.Module) -> Plan | None:
+    """The plan a model was quantized with, or None."""
+    return getattr(model, PLAN_ATTR, None)
+
+
+def quantization_report(model: nn.Module) -> QuantizationReport | None:
+    """The report of the last ``quantize_`` on this model, or None."""
+    return getattr(model, REPORT_ATTR, None)
+
+
+@dataclass
+class MoEPlanConfig(AOBaseConfig):
+    """torchao config wrapping a moe_ao Plan.
+
+    torchao's ``quantize_`` hands its handler one module at a time and, by default,
+    only ``nn.Linear`` modules; fused experts are not Linears. Pass
+    ``filter_fn=moe_ao.whole_model`` so the handler sees the root model::
+
+        torchao.quantization.quantize_(model, MoEPlanConfig(plan), filter_fn=moe_ao.whole_model)
+    """
+
+    plan: Plan
+    method: str = "rtn"
+
+
+def whole_model(module: nn.Module, fqn: str) -> bool:
+    """torchao filter selecting only the root module (fqn == "")."""
+    return fqn == ""
+
+
+@register_quantize_module_handler(MoEPlanConfig)
+def _moe_plan_handler(module: nn.Module, config: MoEPlanConfig) -> nn.Module:
+    return quantize_(module, config.plan, method=config.method)

@@ -1,0 +1,270 @@
+"""Bit plans: which logical linear gets which quantization spec.
+
+A plan is data. It maps unit names (see :mod:`moe_ao.units`) to a :class:`QuantSpec`,
+round-trips through a small versioned JSON format, and is saved with every quantized
+checkpoint. Units a plan does not name stay as they are.
+
+JSON format (version 1), meant to be edited by hand::
+
+    {
+      "format": "moe_ao.plan",
+      "version": 1,
+      "defaults": {"group_size": 64, "symmetric": true},
+      "allow_low_bit_router": false,
+      "units": {
+        "model.layers.0.self_attn.q_proj": 4,
+        "model.layers.0.mlp.experts.5.down_proj": {"bits": 3, "group_size": 32}
+      },
+      "meta": {"strategy": "uniform", "budget_bits": 2.5}
+    }
+
+A unit's value is either its bit width (the defaults fill in the rest) or an object
+overriding any spec field. Bits 16 means "keep this unit in floating point" explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PLAN_FORMAT = "moe_ao.plan"
+PLAN_VERSION = 1
+ALLOWED_BITS = (2, 3, 4, 8, 16)
+FLOAT_BITS = 16  # "not quantized": the unit keeps its floating-point weight
+ROUTER_MIN_BITS = 8  # routers below 8 bits flip top-k choices; needs an explicit opt-in
+SCALE_BITS = 16  # scales are stored in the model's 16-bit dtype
+ZERO_BITS = 8  # asymmetric zero points are stored as uint8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one unit is quantized.
+
+    Attributes:
+        bits: 2, 3, 4 or 8 for integer codes; 16 keeps the unit in floating point.
+        group_size: input columns sharing one scale (and zero point).
+        symmetric: implicit zero point (True) or a stored uint8 zero point (False).
+    """
+
+    bits: int
+    group_size: int = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
+            raise ValueError(f"bits={self.bits!r} is not supported; allowed: {ALLOWED_BITS}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size!r} must be a positive int")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric={self.symmetric!r} must be a bool")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the unit gets integer codes (bits < 16)."""
+        return self.bits < FLOAT_BITS
+
+    def storage_bits(self) -> float:
+        """True bits per weight: codes plus the amortised scale (and zero point)."""
+        if not self.quantized:
+            return float(FLOAT_BITS)
+        extra = SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
+        return self.bits + extra / self.group_size
+
+
+class Plan(Mapping[str, QuantSpec]):
+    """An ordered mapping from unit name to :class:`QuantSpec`.
+
+    Args:
+        units: unit name -> bits (int) or QuantSpec or a dict of QuantSpec fields.
+        group_size: default group size for units given as plain bits.
+        symmetric: default symmetry for units given as plain bits.
+        allow_low_bit_router: permit routers below 8 bits.
+        meta: free-form provenance (strategy, budget, scores), saved with the plan.
+
+    Raises:
+        ValueError: a spec is malformed (names the unit and the allowed values).
+    """
+
+    def __init__(
+        self,
+        units: Mapping[str, int | QuantSpec | Mapping[str, Any]] | None = None,
+        *,
+        group_size: int = 128,
+        symmetric: bool = True,
+        allow_low_bit_router: bool = False,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.defaults = QuantSpec(bits=4, group_size=group_size, symmetric=symmetric)
+        self.allow_low_bit_router = allow_low_bit_router
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._specs: dict[str, QuantSpec] = {}
+        for name, value in (units or {}).items():
+            try:
+                self._specs[name] = self._as_spec(value)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"plan entry {name!r}: {e}") from None
+
+    def _as_spec(self, value: int | QuantSpec | Mapping[str, Any]) -> QuantSpec:
+        if isinstance(value, QuantSpec):
+            return value
+        base = {"group_size": self.defaults.group_size, "symmetric": self.defaults.symmetric}
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"bits", "group_size", "symmetric"}
+            if unknown or "bits" not in value:
+                raise ValueError(f"expected keys bits, group_size, symmetric; got {sorted(value)}")
+            return QuantSpec(**(base | dict(value)))
+        return QuantSpec(bits=value, **base)
+
+    # Mapping protocol
+    def __getitem__(self, name: str) -> QuantSpec:
+        return self._specs[name]
+
+    def __iter__(self):
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Plan)
+            and list(self._specs.items()) == list(other._specs.items())
+            and self.allow_low_bit_router == other.allow_low_bit_router
+        )
+
+    def __repr__(self) -> str:
+        hist: dict[int, int] = {}
+        for s in self._specs.values():
+            hist[s.bits] = hist.get(s.bits, 0) + 1
+        return f"Plan({len(self)} units, bits histogram {dict(sorted(hist.items()))})"
+
+    # Validation against a model's units
+    def validate(self, units: Iterable[Any]) -> None:
+        """Checks every entry against the model's units before anything changes.
+
+        Args:
+            units: the model's :class:`moe_ao.units.Unit` list.
+
+        Raises:
+            ValueError: unknown unit, unsupported kind, group size not dividing
+                in_features, a router below 8 bits without ``allow_low_bit_router``,
+                or fused units that disagree on group size / symmetry.
+        """
+        by_name = {u.name: u for u in units}
+        fused: dict[str, tuple[str, QuantSpec]] = {}
+        for name, spec in self._specs.items():
+            unit = by_name.get(name)
+            if unit is None:
+                close = difflib.get_close_matches(name, list(by_name), n=3)
+                hint = f"; did you mean {close}?" if close else ""
+                raise ValueError(f"plan names unit {name!r}, which the model does not have{hint}")
+            if unit.kind == "embedding" and spec.quantized:
+                raise ValueError(f"{name}: embeddings cannot be quantized; allowed bits: (16,)")
+            in_features = unit.shape[1]
+            if spec.quantized and in_features % spec.group_size:
+                divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0] + [in_features]
+                raise ValueError(
+                    f"{name}: group_size={spec.group_size} does not divide in_features={in_features};"
+                    f" allowed e.g. {sorted(set(divisors))}"
+                )
+            if unit.kind == "router" and spec.bits < ROUTER_MIN_BITS and not self.allow_low_bit_router:
+                raise ValueError(
+                    f"{name}: router at {spec.bits} bits needs allow_low_bit_router=True;"
+                    f" allowed without it: {[b for b in ALLOWED_BITS if b >= ROUTER_MIN_BITS]}"
+                )
+            if unit.expert is not None and unit.fused and spec.quantized:
+                other = fused.setdefault(unit.param, (name, spec))
+                if (other[1].group_size, other[1].symmetric) != (spec.group_size, spec.symmetric):
+                    raise ValueError(
+                        f"{name} and {other[0]} share the fused parameter {unit.param} and must use the"
+                        f" same group_size and symmetric; got {spec} vs {other[1]}"
+                    )
+
+    # Accounting
+    def avg_bits(self, model_or_units: Any) -> float:
+        """The paper's average bits: Σ bits·params / Σ params over planned linears.
+
+        Routers, scales and zero points are excluded, as in QuantMoE-Bench.
+        """
+        return self._weighted(model_or_units, lambda s: float(s.bits))
+
+    def true_avg_bits(self, model_or_units: Any) -> float:
+        """Like :meth:`avg_bits` but with scales and zero points counted, routers included."""
+        return self._weighted(model_or_units, QuantSpec.storage_bits, include_router=True)
+
+    def _weighted(self, model_or_units: Any, bits_of, include_router: bool = False) -> float:
+        from moe_ao.units import as_units  # local: units imports nothing from plan
+
+        num = den = 0.0
+        for u in as_units(model_or_units):
+            spec = self._specs.get(u.name)
+            if spec is None or (u.kind == "router" and not include_router):
+                continue
+            num += bits_of(spec) * u.numel
+            den += u.numel
+        if den == 0:
+            raise ValueError("the plan names none of the model's quantizable units")
+        return num / den
+
+    # JSON
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned JSON-ready form (plain bits where a spec equals the defaults)."""
+        units: dict[str, Any] = {}
+        for name, spec in self._specs.items():
+            if (spec.group_size, spec.symmetric) == (self.defaults.group_size, self.defaults.symmetric):
+                units[name] = spec.bits
+            else:
+                units[name] = asdict(spec)
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "defaults": {"group_size": self.defaults.group_size, "symmetric": self.defaults.symmetric},
+            "allow_low_bit_router": self.allow_low_bit_router,
+            "units": units,
+            "meta": self.meta,
+        }
+
+    def to_json(self, path: str | None = None) -> str:
+        """Serialises the plan (deterministically); writes it to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Parses the dict form, checking format and version."""
+        if data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"not a moe_ao plan: format={data.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {data.get('version')!r} is not supported; allowed: ({PLAN_VERSION},)")
+        defaults = data.get("defaults", {})
+        return cls(
+            data.get("units", {}),
+            group_size=defaults.get("group_size", 128),
+            symmetric=defaults.get("symmetric", True),
+            allow_low_bit_router=data.get("allow_low_bit_router", False),
+            meta=data.get("meta", {}),
+        )
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> Plan:
+        """Loads a plan from a JSON string or a file path."""
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            try:
+                with open(text_or_path) as f:
+                    text = f.read()
+            except OSError as e:
+                raise ValueError(f"cannot read plan file {text_or_path!r}: {e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+
