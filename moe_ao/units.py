@@ -209,6 +209,23 @@ def _layer_units(prefix: str, layer_module: nn.Module, layer: int) -> list[Unit]
     return units
 
 
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list and its FQN (``model.layers``, ``transformer.h``, ...).
+
+    Raises:
+        ValueError: no (or more than one) decoder layer list.
+    """
+    found = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks")
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"{type(model).__name__}: expected one decoder layer list (layers/h/blocks), found {[n for n, _ in found]}"
+        )
+    return found[0]
+
+
 def units(model: nn.Module) -> list[Unit]:
     """Every quantizable linear of ``model``, by logical role, in model order.
 
@@ -223,19 +240,13 @@ def units(model: nn.Module) -> list[Unit]:
         ValueError: a module holding weights inside a decoder layer was not understood.
     """
     found: list[Unit] = []
-    layer_lists = [
-        (name, m) for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks")
-    ]
-    if not layer_lists:
-        raise ValueError(f"{type(model).__name__}: no decoder layer list (layers/h/blocks) found")
+    list_name, layer_list = decoder_layers(model)
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and layer_index(name) is None:
             found.append(Unit(name, "embedding", None, None, "weight",
                               tuple(module.weight.shape), f"{name}.weight"))
-    for list_name, layer_list in layer_lists:
-        for i, layer_module in enumerate(layer_list):
-            found += _layer_units(f"{list_name}.{i}", layer_module, i)
+    for i, layer_module in enumerate(layer_list):
+        found += _layer_units(f"{list_name}.{i}", layer_module, i)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Linear):
         head_name = next(n for n, m in model.named_modules() if m is head)

@@ -1,0 +1,53 @@
+"""Profile: calibration statistics of an MoE model, gathered in one layer-wise pass.
+
+Filled by :func:`moe_ao.profiling.profile` (and by GPTQ's sequential pass); read by the
+planner's data-driven heuristics and sensitivity scorers. Plain tensors keyed by the
+decoder-layer index, so a profile saves to one ``torch.save`` file and is cheap to pass
+around. Shapes: E experts of that layer, n sampled tokens, d hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Profile:
+    """Per-layer statistics from calibration text.
+
+    Attributes:
+        routing_counts: layer -> int64 [E], top-k selections per expert (the paper's
+            frequency statistic).
+        router_entropy: layer -> mean entropy (nats) of the router's softmax.
+        block_cos: layer -> float32 [n], per-token cosine similarity between the
+            decoder block's input and output hidden states.
+        block_inputs: layer -> float16 [n, d], the block's sampled input hidden states
+            (what the block-importance predictor trains on).
+        hessians: unit name -> float32 [K, K], mean of x xᵀ over the unit's inputs
+            (experts: over routed tokens only). Optional: only when asked for.
+        tokens: number of calibration tokens seen.
+        meta: provenance (source, n_samples, seq_len, seed).
+    """
+
+    routing_counts: dict[int, torch.Tensor] = field(default_factory=dict)
+    router_entropy: dict[int, float] = field(default_factory=dict)
+    block_cos: dict[int, torch.Tensor] = field(default_factory=dict)
+    block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def expert_frequency(self, layer: int) -> torch.Tensor:
+        """Share of top-k selections per expert of ``layer`` (sums to 1)."""
+        counts = self.routing_counts[layer].double()
+        return counts / counts.sum().clamp_min(1)
+
+    def save(self, path: str) -> None:
+        torch.save(self.__dict__, path)
+
+    @classmethod
+    def load(cls, path: str) -> Profile:
+        return cls(**torch.load(path, weights_only=True))

@@ -1,0 +1,199 @@
+"""Sequential, MoE-aware GPTQ over a whole model, driven by a Plan.
+
+Layer l+1 is calibrated on the outputs of the already quantized layer l. Within a
+layer the order is "true sequential", as in the paper: q/k/v, then the projections
+fed by them, then o_proj, then gate+up of all experts (and shared/dense MLPs), then
+all down projections; each phase re-runs the layer so its Hessians see the inputs the
+quantized earlier phases produce.
+
+The work happens on a deep copy of each layer, into which the dequantized results are
+written; the model itself is only changed by ``quantize_`` once every unit succeeded.
+
+Rare experts: an expert with fewer than ``min_tokens`` routed tokens (default: its
+in_features, below which xxᵀ cannot have full rank and GPTQ overfits the few tokens
+it saw) is quantized with its layer's pooled Hessian (all tokens that entered the
+experts bank); if even that has fewer tokens, with RTN. Each fallback is listed in the
+report. A weight column is never zeroed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moe_ao.plan import Plan
+from moe_ao.quant.gptq import gptq_quantize
+from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
+from moe_ao.quant.observers import LayerObserver
+from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize
+from moe_ao.units import Unit, decoder_layers, unit_weight
+
+logger = logging.getLogger(__name__)
+
+# Phases of true-sequential GPTQ, by projection name; names not listed run in the
+# attention tail phase (o_proj and friends) or the MLP phases by kind.
+PHASES = (
+    ("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa", "qkv_proj", "query_key_value"),
+    ("q_b_proj", "kv_b_proj"),
+    ("o_proj", "out_proj", "dense"),
+    ("gate_proj", "up_proj"),
+    ("down_proj",),
+)
+
+
+def _phase(u: Unit) -> int:
+    for i, names in enumerate(PHASES):
+        if u.proj in names:
+            return i
+    return 2 if u.kind == "attention" else 3
+
+
+def _scale_dtype(W: torch.Tensor) -> torch.dtype:
+    return W.dtype if W.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _write_back(layer: nn.Module, prefix: str, u: Unit, q: QuantizedWeight) -> None:
+    """Writes the dequantized unit into the working copy (fake quantization)."""
+    local = u.param[len(prefix) + 1 :]
+    W = unit_weight(layer, Unit(**{**u.__dict__, "param": local}))
+    with torch.no_grad():
+        W.copy_(q.dequantize(W.dtype))
+
+
+def _hessian_for(obs: LayerObserver, u: Unit, min_tokens: int) -> tuple[torch.Tensor | None, str | None, int]:
+    H, n = obs.hessian(u)
+    if n >= min_tokens:
+        return H, None, n
+    if u.fused:
+        H, pooled = obs.pooled_hessian(u)
+        if pooled >= min_tokens:
+            return H, "pooled", n
+    return None, "rtn", n
+
+
+def _quantize_phase(
+    layer: nn.Module, prefix: str, obs: LayerObserver, units: list[Unit], plan: Plan,
+    opts: dict[str, Any], results: dict[str, QuantizedWeight], record: dict[str, Any],
+) -> None:
+    # Batch units that share (shape, spec): e.g. all gate/up slices of the experts at one width.
+    batches: dict[tuple, list[tuple[Unit, torch.Tensor]]] = defaultdict(list)
+    for u in units:
+        spec = plan[u.name]
+        W = unit_weight(layer, Unit(**{**u.__dict__, "param": u.param[len(prefix) + 1 :]})).detach()
+        check_finite(W, u.name)
+        min_tokens = opts["min_tokens"] or u.shape[1]
+        H, fallback, n = _hessian_for(obs, u, min_tokens)
+        record["tokens"][u.name] = n
+        if fallback:
+            record["fallbacks"][u.name] = fallback
+        if H is None:
+            results[u.name] = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, _scale_dtype(W))
+            continue
+        batches[(tuple(W.shape), spec)].append((u, W, H))
+    for (_, spec), items in batches.items():
+        Ws = torch.stack([w for _, w, _ in items])  # [B, R, K]
+        Hs = torch.stack([h for _, _, h in items])  # [B, K, K]
+        q, stats = gptq_quantize(
+            Ws, Hs, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+            scale_dtype=_scale_dtype(Ws), damp=opts["damp"], blocksize=opts["blocksize"],
+            act_order=opts["act_order"],
+        )
+        for i, (u, _, _) in enumerate(items):
+            results[u.name] = QuantizedWeight(
+                q.codes[i], q.scale[i], None if q.zero is None else q.zero[i], q.bits, q.group_size
+            )
+            record["loss"][u.name] = float(stats.loss[i])
+    for u in units:
+        _write_back(layer, prefix, u, results[u.name])
+
+
+def gptq_results(
+    model: nn.Module,
+    plan: Plan,
+    planned: list[Unit],
+    calibration: torch.Tensor | None,
+    report: Any,
+    *,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    act_order: bool = False,
+    min_tokens: int | None = None,
+    weight_by_routing: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, QuantizedWeight]:
+    """GPTQ codes and scales for every planned unit, without changing ``model``.
+
+    Args:
+        model: the float model.
+        plan: the validated plan.
+        planned: units to quantize (bits < 16).
+        calibration: int64 [n, L] token windows (see moe_ao.calibration).
+        report: QuantizationReport; per-unit tokens, fallbacks and GPTQ losses go to
+            ``report.extra``.
+        damp: GPTQ dampening (fraction of mean diag H).
+        blocksize: GPTQ lazy-batch block.
+        act_order: GPTQ act-order with static groups.
+        min_tokens: tokens below which an expert falls back (default: in_features).
+        weight_by_routing: weight expert Hessians by routing weights.
+        batch_size: calibration windows per forward.
+        progress: show a progress bar.
+
+    Returns:
+        unit name -> QuantizedWeight.
+
+    Raises:
+        ValueError: missing or empty calibration data.
+    """
+    if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.numel() == 0:
+        raise ValueError("method='gptq' needs calibration: int64 [n_samples, seq_len] token ids (moe_ao.load_calibration)")
+    if calibration.dtype != torch.long or calibration.ndim != 2:
+        raise ValueError(f"calibration must be int64 [n_samples, seq_len]; got {calibration.dtype} {tuple(calibration.shape)}")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and int(calibration.max()) >= vocab:
+        raise ValueError(f"calibration holds token id {int(calibration.max())} >= the model's vocab_size {vocab}")
+    opts = dict(damp=damp, blocksize=blocksize, act_order=act_order, min_tokens=min_tokens)
+    prefix_list, layers = decoder_layers(model)
+    by_layer: dict[int, list[Unit]] = defaultdict(list)
+    for u in planned:
+        if u.layer is None:
+            raise ValueError(f"{u.name}: GPTQ quantizes decoder-layer units only; plan it for method='rtn'")
+        by_layer[u.layer].append(u)
+    record: dict[str, Any] = {"tokens": {}, "fallbacks": {}, "loss": {}, "routing_counts": {}}
+    results: dict[str, QuantizedWeight] = {}
+    inputs: LayerInputs = capture_inputs(model, calibration, batch_size)
+    all_layer_units = _layer_units(model)
+    for i in tqdm(range(len(layers)), desc="gptq layers", disable=not progress):
+        prefix = f"{prefix_list}.{i}"
+        work = copy.deepcopy(layers[i])
+        units_i = sorted(by_layer.get(i, []), key=_phase)
+        for phase in sorted({_phase(u) for u in units_i}):
+            phase_units = [u for u in units_i if _phase(u) == phase]
+            with LayerObserver(prefix, work, all_layer_units[i], {u.name for u in phase_units},
+                               weight_by_routing) as obs:
+                run_layer(work, inputs)
+            _quantize_phase(work, prefix, obs, phase_units, plan, opts, results, record)
+            if obs.routing_counts is not None:
+                record["routing_counts"][i] = obs.routing_counts.tolist()
+        inputs = run_layer(work, inputs)
+        del work
+    report.extra.update(record)
+    if record["fallbacks"]:
+        logger.warning("GPTQ fell back for %d rare units (see report.extra['fallbacks'])", len(record["fallbacks"]))
+    return results
+
+
+def _layer_units(model: nn.Module) -> dict[int, list[Unit]]:
+    from moe_ao.units import units
+
+    out: dict[int, list[Unit]] = defaultdict(list)
+    for u in units(model):
+        if u.layer is not None:
+            out[u.layer].append(u)
+    return out

@@ -1,0 +1,189 @@
+"""Observers: statistics of one decoder layer, gathered with forward hooks.
+
+Shapes: T tokens in a chunk, k = top-k, E experts, K in features of a unit.
+
+- Hessians ``H = Σ x xᵀ`` of each requested unit's inputs. A routed expert's Hessian
+  sees only the tokens routed to it (optionally weighted by the routing weight). For
+  fused experts the inputs of ``down_proj`` are recomputed per expert from the
+  module's current gate/up weights, so GPTQ's true-sequential order holds.
+- Routing counts (top-k selections per expert) and the router's mean softmax entropy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_ao.units import Unit
+
+
+def _module_path(param_fqn: str, layer_prefix: str) -> str:
+    return param_fqn[len(layer_prefix) + 1 :].rpartition(".")[0]
+
+
+class LayerObserver:
+    """Hooks one decoder layer and accumulates statistics while it runs.
+
+    Args:
+        layer_prefix: FQN of the layer (``model.layers.3``).
+        layer: the layer module (possibly a working copy).
+        layer_units: the layer's units.
+        hessian_units: names of units whose input Hessians to collect.
+        weight_by_routing: weight each routed token's contribution by its routing weight.
+    """
+
+    def __init__(
+        self,
+        layer_prefix: str,
+        layer: nn.Module,
+        layer_units: Iterable[Unit],
+        hessian_units: Iterable[str] = (),
+        weight_by_routing: bool = False,
+    ) -> None:
+        self.layer_prefix, self.layer = layer_prefix, layer
+        self.units = {u.name: u for u in layer_units}
+        self.wanted = set(hessian_units)
+        self.weight_by_routing = weight_by_routing
+        self.H: dict[str, torch.Tensor] = {}  # module path -> Σ xxᵀ [K, K] or [E, K, K]
+        self.n: dict[str, torch.Tensor] = {}  # module path -> tokens (scalar or [E])
+        self.routing_counts: torch.Tensor | None = None  # [E]
+        self.entropy_sum, self.entropy_tokens = 0.0, 0
+        self._handles: list = []
+        self._fused: set[str] = set()  # paths of fused experts modules
+
+    # ----------------------------------------------------------------- hooks
+    def __enter__(self) -> LayerObserver:
+        by_module: dict[str, list[Unit]] = defaultdict(list)
+        for u in self.units.values():
+            by_module[_module_path(u.param, self.layer_prefix)].append(u)
+        for path, us in by_module.items():
+            u0 = us[0]
+            if u0.fused:
+                self._fused.add(path)  # the experts module holding the fused params
+            elif u0.kind == "router":
+                if u0.shape[0] > 1:  # a 1-row gate (Qwen2-MoE's shared_expert_gate) routes nothing
+                    module = self.layer.get_submodule(path)
+                    self._handles.append(module.register_forward_pre_hook(self._router_hook(u0)))
+                    self._handles.append(module.register_forward_hook(self._router_out_hook(u0)))
+            elif any(u.name in self.wanted for u in us):
+                module = self.layer.get_submodule(path)
+                self._handles.append(module.register_forward_pre_hook(self._linear_hook(path)))
+        for path in sorted(self._fused):
+            module = self.layer.get_submodule(path)
+            self._handles.append(module.register_forward_pre_hook(self._experts_hook(path), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _add(self, key: str, H: torch.Tensor, n: torch.Tensor | int) -> None:
+        if key in self.H:
+            self.H[key] += H
+            self.n[key] += n
+        else:
+            self.H[key], self.n[key] = H, torch.as_tensor(n).clone()
+
+    def _linear_hook(self, path: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, K]
+            self._add(path, x.T @ x, x.shape[0])
+
+        return hook
+
+    def _router_hook(self, unit: Unit):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            logp = F.log_softmax(F.linear(x, module.weight.float()), dim=-1)  # [T, E]
+            self.entropy_sum += float(-(logp.exp() * logp).sum(-1).sum())
+            self.entropy_tokens += x.shape[0]
+
+        return hook
+
+    def _router_out_hook(self, unit: Unit):
+        def hook(module: nn.Module, args: tuple, out) -> None:
+            if self._fused:
+                return  # fused experts count routing from their own inputs
+            outs = out if isinstance(out, tuple) else (out,)
+            idx = next((t for t in outs if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+            if idx is not None:
+                self._count(idx, unit.shape[0])
+
+        return hook
+
+    def _count(self, top_k_index: torch.Tensor, E: int) -> None:
+        counts = torch.bincount(top_k_index.reshape(-1).long(), minlength=E)[:E]
+        self.routing_counts = counts if self.routing_counts is None else self.routing_counts + counts
+
+    def _experts_hook(self, path: str):
+        prefix = f"{self.layer_prefix}.{path}"
+        want_up = any(u.param.startswith(prefix) and u.proj != "down_proj" and u.name in self.wanted
+                      for u in self.units.values())
+        want_down = any(u.param.startswith(prefix) and u.proj == "down_proj" and u.name in self.wanted
+                        for u in self.units.values())
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            vals = list(args) + [kwargs[n] for n in names[len(args):]]
+            hidden, top_k_index, top_k_weights = vals[:3]
+            E = mod.num_experts
+            self._count(top_k_index, E)
+            if want_up or want_down:
+                self._expert_hessians(path, mod, hidden.float(), top_k_index, top_k_weights, want_up, want_down)
+
+        return hook
+
+    @torch.no_grad()
+    def _expert_hessians(self, path, mod, x, top_k_index, top_k_weights, want_up, want_down) -> None:
+        E, K = mod.num_experts, x.shape[-1]
+        up_bank = mod.gate_up_proj if mod.has_gate else mod.up_proj
+        H_up = x.new_zeros(E, K, K) if want_up else None
+        I = mod.down_proj.shape[-1]
+        H_down = x.new_zeros(E, I, I) if want_down else None
+        n = torch.zeros(E, dtype=torch.long)
+        for e in range(E):
+            hit = top_k_index == e  # [T, k]
+            rows = hit.any(-1)
+            if not rows.any():
+                continue
+            xe = x[rows]  # [T_e, K]
+            n[e] = xe.shape[0]
+            scale = (top_k_weights[rows] * hit[rows]).sum(-1, keepdim=True).float().sqrt() if self.weight_by_routing else None
+            xs = xe * scale if scale is not None else xe
+            if want_up:
+                H_up[e] = xs.T @ xs
+            if want_down:
+                h = xe @ up_bank[e].float().T  # [T_e, 2I]
+                h = mod._apply_gate(h) if mod.has_gate else mod.act_fn(h)
+                hs = h * scale if scale is not None else h
+                H_down[e] = hs.T @ hs
+        if want_up:
+            self._add(f"{path}:up", H_up, n)
+        if want_down:
+            self._add(f"{path}:down", H_down, n)
+
+    # --------------------------------------------------------------- results
+    def hessian(self, unit: Unit) -> tuple[torch.Tensor, int]:
+        """Mean xxᵀ [K, K] over the unit's inputs and how many tokens it saw."""
+        path = _module_path(unit.param, self.layer_prefix)
+        if unit.fused:
+            key = f"{path}:{'down' if unit.proj == 'down_proj' else 'up'}"
+            H, n = self.H[key][unit.expert], int(self.n[key][unit.expert])
+        else:
+            H, n = self.H[path], int(self.n[path])
+        return H / max(n, 1), n
+
+    def pooled_hessian(self, unit: Unit) -> tuple[torch.Tensor, int]:
+        """The mean xxᵀ over every token of the unit's experts bank (rare-expert fallback)."""
+        path = _module_path(unit.param, self.layer_prefix)
+        key = f"{path}:{'down' if unit.proj == 'down_proj' else 'up'}"
+        n = int(self.n[key].sum())
+        return self.H[key].sum(0) / max(n, 1), n
+
+    def router_entropy(self) -> float | None:
+        return self.entropy_sum / self.entropy_tokens if self.entropy_tokens else None
