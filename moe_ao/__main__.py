@@ -1,0 +1,7 @@
+"""``python -m moe_ao``: the moe-ao command line."""
+
+import sys
+
+from moe_ao.cli import main
+
+sys.exit(main())

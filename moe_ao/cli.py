@@ -1,0 +1,131 @@
+"""The ``moe-ao`` command line (also ``python -m moe_ao``).
+
+Subcommands: ``demo`` (the main job), ``units``, ``profile``, ``plan``, ``quantize``.
+User mistakes print one line (``error: ...``) and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from moe_ao.demo import DemoConfig
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="quantize the embedded default model end to end and report")
+    d = DemoConfig()
+    p.add_argument("--model", default=d.model, help="embedded model name or local HF checkpoint dir")
+    p.add_argument("--method", default=d.method, choices=("gptq", "rtn"))
+    p.add_argument("--expert-bits", type=int, default=d.expert_bits, help="bits of routed experts")
+    p.add_argument("--other-bits", type=int, default=d.other_bits, help="bits of attention/shared/dense")
+    p.add_argument("--group-size", type=int, default=d.group_size)
+    p.add_argument("--calibration", default=d.calibration, help="named source or text file")
+    p.add_argument("--n-samples", type=int, default=d.n_samples)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--out", default=d.out, help="where the quantized checkpoint and report go")
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="embedded model name or local HF checkpoint dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-ao", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_demo(sub)
+    p = sub.add_parser("units", help="list a model's quantizable units")
+    _add_model_arg(p)
+    p = sub.add_parser("profile", help="routing counts, router entropy and block similarity on calibration text")
+    _add_model_arg(p)
+    p.add_argument("--calibration", default="wikitext2-valid")
+    p.add_argument("--n-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--hessians", action="store_true", help="also keep every unit's input Hessian")
+    p.add_argument("-o", "--output", required=True, help="profile file (.pt)")
+    p = sub.add_parser("quantize", help="quantize a model with a plan and save it")
+    _add_model_arg(p)
+    p.add_argument("--plan", required=True, help="plan.json")
+    p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
+    p.add_argument("--calibration", default="wikitext2-valid")
+    p.add_argument("--n-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint dir")
+    return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from moe_ao.demo import run_demo
+
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    r = run_demo(cfg)
+    print(f"model {r['model']}: {r['plan_avg_bits']:.2f} avg bits ({r['true_avg_bits']:.2f} true), {r['method']}")
+    print(f"memory   {r['bytes_before'] / 2**20:8.2f} MiB -> {r['bytes_after'] / 2**20:.2f} MiB "
+          f"({r['bytes_before'] / r['bytes_after']:.2f}x smaller)")
+    print(f"held-out KL {r['kl']:.4f}  top-1 agreement {r['top1']:.3f}  perplexity {r['ref_ppl']:.2f} -> {r['ppl']:.2f}")
+    print(f"decode   {r['tokens_per_s_before']:.1f} -> {r['tokens_per_s_after']:.1f} tokens/s (eager)")
+    print(f"reload bit-exact: {r['reload_bit_exact']}   quantization: {r['quantize_seconds']:.1f} s")
+    print(f"before: {r['sample_before']!r}")
+    print(f"after:  {r['sample_after']!r}")
+    print(f"report: {cfg.out}/demo_report.md")
+
+
+def _cmd_units(args: argparse.Namespace) -> None:
+    from moe_ao import models
+    from moe_ao.units import units
+
+    model, _ = models.load(args.model)
+    for u in units(model):
+        print(f"{u.name}\t{u.kind}\t{u.shape[0]}x{u.shape[1]}")
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    from moe_ao import models
+    from moe_ao.calibration import load_calibration
+    from moe_ao.profiling import profile
+
+    model, tok = models.load(args.model)
+    calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, model_config=model.config)
+    prof = profile(model, calib, hessians=args.hessians)
+    prof.meta["source"] = args.calibration
+    prof.save(args.output)
+    print(json.dumps({str(k): v.tolist() for k, v in prof.routing_counts.items()}))
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from moe_ao import models
+    from moe_ao.api import quantize_
+    from moe_ao.calibration import load_calibration
+    from moe_ao.checkpoint import save_quantized
+    from moe_ao.plan import Plan
+
+    model, tok = models.load(args.model)
+    plan = Plan.from_json(args.plan)
+    kwargs = {}
+    if args.method == "gptq":
+        kwargs = {"calibration": load_calibration(args.calibration, tok, args.n_samples, args.seq_len,
+                                                  model_config=model.config), "act_order": args.act_order}
+    quantize_(model, plan, method=args.method, **kwargs)
+    print(save_quantized(model, args.output, tokenizer=tok, overwrite=True))
+
+
+COMMANDS = {"demo": _cmd_demo, "units": _cmd_units, "profile": _cmd_profile, "quantize": _cmd_quantize}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.cmd](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
