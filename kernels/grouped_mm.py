@@ -38,6 +38,30 @@ def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[-1])
 
 
+def _loop_setup_context(ctx, inputs, output) -> None:
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _loop_backward(ctx, grad):
+    # Needed even for inference: AOT autograd traces a backward whenever an input
+    # requires grad (e.g. hidden states from a trainable embedding), and a custom op
+    # without a formula then fails to compile.
+    x, w, offs = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.moe_ao.grouped_mm_loop(grad, w.transpose(1, 2).contiguous(), offs)  # [S, K]
+    if ctx.needs_input_grad[1]:
+        rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
+        owner = torch.searchsorted(offs, rows, right=True)  # [S]; E = row of no expert
+        onehot = torch.nn.functional.one_hot(owner.long(), w.shape[0] + 1)[:, :-1].to(x.dtype)  # [S, E]
+        grad_w = torch.einsum("se,sk,sn->ekn", onehot, x, grad)  # [E, K, N]
+    return grad_x, grad_w, None
+
+
+_grouped_mm_loop.register_autograd(_loop_backward, setup_context=_loop_setup_context)
+
+
 def _native_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False

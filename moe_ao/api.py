@@ -5,14 +5,14 @@ when all of them succeeded are the parameters swapped in. A failure anywhere
 (validation, NaN weights, a quantizer error) leaves the model exactly as it was.
 
 Quantizers are pluggable: RTN here; GPTQ supplies its own codes and scales per unit
-through the same ``QuantizedWeight`` record, and the same packer stores both.
+through the same ``QuantizedWeight`` record, and the same packer
+(``moe_ao.quant.assemble``) stores both, one parameter (GPTQ: one layer) at a time.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from moe_ao import experts as experts_impl
 from moe_ao.plan import Plan, QuantSpec
+from moe_ao.quant.assemble import pack_param, record_units, units_by_param
 from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import Unit, unit_weight, units
@@ -31,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 PLAN_ATTR = "_moe_ao_plan"
 REPORT_ATTR = "_moe_ao_report"
-UnitQuantizer = Callable[[Unit, torch.Tensor, QuantSpec], QuantizedWeight]
 
 
 @dataclass
@@ -75,31 +75,6 @@ def _check_ties(model: nn.Module, plan: Plan, all_units: list[Unit]) -> None:
                 raise ValueError(f"{u.name}: its weight is tied to {owner}; untie it before quantizing")
 
 
-def build_packed(
-    model: nn.Module,
-    plan: Plan,
-    results: Mapping[str, QuantizedWeight],
-    all_units: list[Unit],
-) -> dict[str, PackedWeight]:
-    """Packs per-unit results into new tensors, keyed by parameter FQN (no mutation)."""
-    by_param: dict[str, list[Unit]] = defaultdict(list)
-    for u in all_units:
-        by_param[u.param].append(u)
-    new: dict[str, PackedWeight] = {}
-    for fqn, param_units in by_param.items():
-        if not any(u.name in results for u in param_units):
-            continue
-        param = model.get_parameter(fqn)
-        if param_units[0].fused:
-            n_seg = max(u.segment for u in param_units) + 1
-            order = sorted(param_units, key=lambda u: (u.expert, u.segment))
-        else:
-            n_seg, order = 1, param_units
-        slices = [results.get(u.name, unit_weight(model, u).detach()) for u in order]
-        new[fqn] = PackedWeight.from_slices(slices, tuple(param.shape), n_seg, param.dtype)
-    return new
-
-
 def swap_in(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
     """Replaces parameters by FQN; all Parameters are made before the first swap."""
     params = {fqn: nn.Parameter(t, requires_grad=False) for fqn, t in new.items()}
@@ -108,22 +83,37 @@ def swap_in(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
         setattr(model.get_submodule(owner_name), attr, param)
 
 
-def apply_results(
-    model: nn.Module,
-    plan: Plan,
-    results: Mapping[str, QuantizedWeight],
-    report: QuantizationReport,
-    all_units: list[Unit],
+def apply_packed(
+    model: nn.Module, plan: Plan, new: Mapping[str, PackedWeight], report: QuantizationReport
 ) -> nn.Module:
-    """Packs, swaps in, selects the experts implementation and records plan + report."""
-    new = build_packed(model, plan, results, all_units)
+    """Swaps packed tensors in, selects the experts implementation, records plan + report."""
     swap_in(model, new)
-    if any(u.fused and u.name in results for u in all_units):
+    if any(p.ndim == 3 for p in new.values()):
         experts_impl.select(model)
     setattr(model, PLAN_ATTR, plan)
     setattr(model, REPORT_ATTR, report)
-    logger.info("quantized %d units into %d tensors", len(results), len(new))
+    logger.info("quantized %d units into %d tensors", len(report.quantized), len(new))
     return model
+
+
+def _rtn_packed(
+    model: nn.Module, plan: Plan, planned: list[Unit], all_units: list[Unit], report: QuantizationReport
+) -> dict[str, PackedWeight]:
+    """RTN, one parameter at a time (only one parameter's unpacked codes alive)."""
+    planned_names = {u.name for u in planned}
+    new = {}
+    for fqn, param_units in units_by_param(all_units).items():
+        todo = [u for u in param_units if u.name in planned_names]
+        if not todo:
+            continue
+        results = {}
+        for u in todo:
+            W = unit_weight(model, u).detach()
+            check_finite(W, u.name)
+            results[u.name] = rtn_unit(u, W, plan[u.name])
+        new[fqn], errors = pack_param(model, fqn, param_units, results)
+        record_units(report, todo, results, errors)
+    return new
 
 
 def quantize_(
@@ -167,23 +157,14 @@ def quantize_(
     if method == "rtn":
         if method_kwargs:
             raise ValueError(f"method 'rtn' takes no options; got {sorted(method_kwargs)}")
-        results = {}
-        for u in planned:
-            W = unit_weight(model, u).detach()
-            check_finite(W, u.name)
-            results[u.name] = rtn_unit(u, W, plan[u.name])
+        new = _rtn_packed(model, plan, planned, all_units, report)
     elif method == "gptq":
-        from moe_ao.quant.gptq_driver import gptq_results  # heavy; only when asked for
+        from moe_ao.quant.gptq_driver import gptq_packed  # heavy; only when asked for
 
-        results = gptq_results(model, plan, planned, calibration, report, **method_kwargs)
+        new = gptq_packed(model, plan, planned, calibration, report, **method_kwargs)
     else:
         raise ValueError(f"method={method!r} is not supported; allowed: ('rtn', 'gptq')")
-    for u in planned:
-        q = results[u.name]
-        W = unit_weight(model, u).detach().float()
-        err = (q.dequantize(torch.float32) - W).norm() / W.norm().clamp_min(1e-12)
-        report.quantized[u.name] = {"kind": u.kind, "bits": q.bits, "rel_error": round(err.item(), 6)}
-    return apply_results(model, plan, results, report, all_units)
+    return apply_packed(model, plan, new, report)
 
 
 def quantized_plan(model: nn.Module) -> Plan | None:

@@ -105,7 +105,9 @@ def memory_report(model: nn.Module) -> MemoryReport:
             qbits += 8 * nbytes
             qparams += u.numel
     seen: set[int] = set()
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    # state_dict: parameters and persistent buffers, i.e. what a checkpoint stores
+    # (named_buffers() would also count non-persistent ones such as rotary inv_freq).
+    for name, p in model.state_dict(keep_vars=True).items():
         if id(p) in seen:
             continue
         seen.add(id(p))

@@ -7,13 +7,16 @@ fused as 3D parameters (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj
 the same unit names, e.g. ``model.layers.3.mlp.experts.5.down_proj``, so a plan
 written for one layout applies to the other.
 
-Discovery walks the module tree by structure and module names. Anything with a
-weight of two or more dimensions inside a decoder layer that it cannot place raises
-a ValueError naming the module: nothing is skipped silently.
+Discovery walks the module tree by structure and module names. Where that fails (a
+module holding a weight of two or more dimensions that it cannot place, or no decoder
+layer list), :func:`units` falls back to the graph pass ``moe_ao.passes``, which reads
+the roles from the dataflow of the exported model instead of from names. If that fails
+too, a ValueError names the module: nothing is skipped silently.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("attention", "router", "expert", "shared_expert", "dense_mlp", "embedding", "lm_head")
 # Canonical projection names; Mixtral-v0 style ModuleList experts call them w1/w3/w2.
@@ -229,6 +234,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def units(model: nn.Module) -> list[Unit]:
     """Every quantizable linear of ``model``, by logical role, in model order.
 
+    Name-based discovery first; where it raises ValueError, the dataflow graph pass
+    (:func:`moe_ao.passes.find_moe_units`) is tried on the whole model.
+
     Args:
         model: a transformers causal LM (or its base model) with MoE or dense layers.
 
@@ -237,8 +245,28 @@ def units(model: nn.Module) -> list[Unit]:
         embedding and lm_head (listed, left alone by default).
 
     Raises:
-        ValueError: a module holding weights inside a decoder layer was not understood.
+        ValueError: a module holding weights was understood neither by names nor by
+            the graph pass (both reasons are in the message).
     """
+    try:
+        return _named_units(model)
+    except ValueError as by_name:
+        return _graph_units(model, by_name)
+
+
+def _graph_units(model: nn.Module, by_name: ValueError) -> list[Unit]:
+    # Imported here: moe_ao.passes (the lowest layer) imports Unit from this module.
+    from moe_ao.passes.moe_structure import find_moe_units
+
+    logger.info("%s; reading roles from the model's graph instead", by_name)
+    try:
+        return find_moe_units(model)
+    except ValueError as by_graph:
+        raise ValueError(f"{by_name}; graph pass: {by_graph}") from by_graph
+
+
+def _named_units(model: nn.Module) -> list[Unit]:
+    """Name-based discovery (see the module docstring); raises ValueError on unknown modules."""
     found: list[Unit] = []
     list_name, layer_list = decoder_layers(model)
     for name, module in model.named_modules():

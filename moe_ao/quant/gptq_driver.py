@@ -28,10 +28,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_ao.plan import Plan
+from moe_ao.quant.assemble import pack_param, record_units, units_by_param
 from moe_ao.quant.gptq import gptq_quantize
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
 from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize
+from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import Unit, decoder_layers, unit_weight
 
 logger = logging.getLogger(__name__)
@@ -113,7 +115,7 @@ def _quantize_phase(
         _write_back(layer, prefix, u, results[u.name])
 
 
-def gptq_results(
+def gptq_packed(
     model: nn.Module,
     plan: Plan,
     planned: list[Unit],
@@ -127,16 +129,19 @@ def gptq_results(
     weight_by_routing: bool = False,
     batch_size: int = 8,
     progress: bool = True,
-) -> dict[str, QuantizedWeight]:
-    """GPTQ codes and scales for every planned unit, without changing ``model``.
+) -> dict[str, PackedWeight]:
+    """GPTQ-quantized, packed parameters for every planned unit, without changing ``model``.
+
+    Each layer's parameters are packed as soon as the layer is done, so unpacked codes
+    of only one layer are alive at a time.
 
     Args:
         model: the float model.
         plan: the validated plan.
         planned: units to quantize (bits < 16).
         calibration: int64 [n, L] token windows (see moe_ao.calibration).
-        report: QuantizationReport; per-unit tokens, fallbacks and GPTQ losses go to
-            ``report.extra``.
+        report: QuantizationReport; per-unit errors go to ``report.quantized``, and
+            tokens, fallbacks and GPTQ losses to ``report.extra``.
         damp: GPTQ dampening (fraction of mean diag H).
         blocksize: GPTQ lazy-batch block.
         act_order: GPTQ act-order with static groups.
@@ -146,7 +151,7 @@ def gptq_results(
         progress: show a progress bar.
 
     Returns:
-        unit name -> QuantizedWeight.
+        parameter FQN -> PackedWeight.
 
     Raises:
         ValueError: missing or empty calibration data.
@@ -166,10 +171,11 @@ def gptq_results(
             raise ValueError(f"{u.name}: GPTQ quantizes decoder-layer units only; plan it for method='rtn'")
         by_layer[u.layer].append(u)
     record: dict[str, Any] = {"tokens": {}, "fallbacks": {}, "loss": {}, "routing_counts": {}}
-    results: dict[str, QuantizedWeight] = {}
+    packed: dict[str, PackedWeight] = {}
     inputs: LayerInputs = capture_inputs(model, calibration, batch_size)
     all_layer_units = _layer_units(model)
     for i in tqdm(range(len(layers)), desc="gptq layers", disable=not progress):
+        results: dict[str, QuantizedWeight] = {}
         prefix = f"{prefix_list}.{i}"
         work = copy.deepcopy(layers[i])
         units_i = sorted(by_layer.get(i, []), key=_phase)
@@ -183,10 +189,15 @@ def gptq_results(
                 record["routing_counts"][i] = obs.routing_counts.tolist()
         inputs = run_layer(work, inputs)
         del work
+        for fqn, param_units in units_by_param(all_layer_units[i]).items():
+            todo = [u for u in param_units if u.name in results]
+            if todo:
+                packed[fqn], errors = pack_param(model, fqn, param_units, results)
+                record_units(report, todo, results, errors)
     report.extra.update(record)
     if record["fallbacks"]:
         logger.warning("GPTQ fell back for %d rare units (see report.extra['fallbacks'])", len(record["fallbacks"]))
-    return results
+    return packed
 
 
 def _layer_units(model: nn.Module) -> dict[int, list[Unit]]:

@@ -28,12 +28,23 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -K % PACK_RUN
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.to(torch.uint8)
     if bits == 8:
-        return codes.to(torch.uint8).contiguous()
-    runs = codes.to(torch.int64).unflatten(-1, (-1, PACK_RUN))  # [..., K/8, 8]
-    shifts = torch.arange(PACK_RUN, device=codes.device, dtype=torch.int64) * bits
-    word = (runs << shifts).sum(-1, keepdim=True)  # [..., K/8, 1], 8*bits <= 56 bits
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+        return codes.contiguous()
+    if 8 % bits == 0:
+        # 1, 2 and 4 bits: whole codes per byte, so pack bytewise without widening
+        # (a fused experts bank can hold billions of codes).
+        per_byte = 8 // bits
+        lanes = codes.unflatten(-1, (-1, per_byte))  # [..., K/per_byte, per_byte]
+        out = lanes[..., 0].clone()
+        for j in range(1, per_byte):
+            out |= lanes[..., j] << (bits * j)
+        return out
+    wide = torch.int32 if bits * PACK_RUN <= 31 else torch.int64
+    runs = codes.to(wide).unflatten(-1, (-1, PACK_RUN))  # [..., K/8, 8]
+    shifts = torch.arange(PACK_RUN, device=codes.device, dtype=wide) * bits
+    word = (runs << shifts).sum(-1, keepdim=True, dtype=wide)  # [..., K/8, 1]
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=wide) * 8
     packed = (word >> byte_shifts) & 0xFF  # [..., K/8, bits]
     return packed.flatten(-2).to(torch.uint8)
 

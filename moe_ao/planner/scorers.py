@@ -1,0 +1,142 @@
+"""Scorers: numbers per unit or per expert, which the planner turns into plans.
+
+- :func:`outlier_score`: the paper's linear-weight outlier score (+LinearOSP), no data.
+- :func:`token_share`: how often calibration tokens were routed to an expert.
+- :func:`sensitivity_table`: per unit and bit width, the output error a round-to-nearest
+  quantization would cause (the budget optimizer's input).
+
+Shapes: W is [out, in] = [R, K]; H is the unit's input second moment [K, K].
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from moe_ao.profile_stats import Profile
+from moe_ao.quant.primitives import rtn_quantize
+from moe_ao.units import Unit
+
+logger = logging.getLogger(__name__)
+
+HESSIAN_MODES = ("full", "diag")
+
+
+def outlier_score(W: torch.Tensor) -> float:
+    """The paper's outlier score of one linear weight.
+
+    ``score(W) = max_j (max_i |W_ij| / mean_i |W_ij|)`` over input columns j of the
+    [out, in] weight, i.e. ``(W.abs().amax(0) / W.abs().mean(0)).max()``, computed in
+    float64. An all-zero column has no outlier: its ratio counts as 0, not NaN.
+
+    Args:
+        W: weight [R, K].
+
+    Returns:
+        The score (>= 1 for any weight with a non-zero column).
+    """
+    assert W.ndim == 2, f"{W.shape=}"
+    A = W.detach().to(torch.float64).abs()  # [R, K]
+    mean = A.mean(0)  # [K]
+    ratio = torch.where(mean > 0, A.amax(0) / mean.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return float(ratio.max())
+
+
+def token_share(stats: Profile, layer: int, expert: int) -> float:
+    """Fraction of calibration tokens routed to ``expert`` of ``layer``.
+
+    Uses ``routing_counts / tokens`` when the profile knows its token count (an expert
+    chosen by every token scores 1), else the expert's share of top-k selections.
+    """
+    counts = stats.routing_counts[layer]
+    if not 0 <= expert < counts.numel():
+        raise ValueError(
+            f"expert {expert} is out of range for stats.routing_counts[{layer}] of {counts.numel()} experts"
+        )
+    if stats.tokens > 0:
+        return min(1.0, float(counts[expert]) / stats.tokens)
+    return float(stats.expert_frequency(layer)[expert])
+
+
+def rtn_error(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> torch.Tensor:
+    """W - Q(W) in float64 for round-to-nearest Q with the model's scale dtype."""
+    scale_dtype = W.dtype if W.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    q = rtn_quantize(W.detach(), bits, group_size, symmetric, scale_dtype=scale_dtype)
+    return W.detach().to(torch.float64) - q.dequantize(torch.float64)
+
+
+def weighted_error(E: torch.Tensor, H: torch.Tensor | None, mode: str = "full") -> float:
+    """tr(E H Eᵀ) (``full``), Σ_ij E_ij² H_jj (``diag``), or ||E||²_F when H is None.
+
+    Args:
+        E: error [R, K], float64.
+        H: input second moment [K, K] or None.
+        mode: ``full`` or ``diag``; ``diag`` costs O(RK) instead of O(RK²).
+    """
+    if H is None:
+        return float((E * E).sum())
+    H = H.to(device=E.device, dtype=torch.float64)
+    assert H.shape == (E.shape[1], E.shape[1]), f"{H.shape=} {E.shape=}"
+    if mode == "diag":
+        return float(((E * E) * H.diagonal()).sum())
+    return float(((E @ H) * E).sum())
+
+
+def sensitivity_table(
+    weights: dict[str, torch.Tensor],
+    units: Sequence[Unit],
+    stats: Profile | None,
+    group_sizes: dict[str, int],
+    bits: Sequence[int] = (2, 3, 4, 8),
+    symmetric: bool = True,
+    hessian: str = "full",
+    scale_by_frequency: bool = True,
+) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
+    """Per unit and bit width, the proxy loss of quantizing that unit alone.
+
+    The proxy is the layer-output error ``tr((W-Q(W)) H (W-Q(W))ᵀ)`` with H the unit's
+    mean input second moment (``stats.hessians``); a unit without a Hessian falls back
+    to ``||W-Q(W)||²_F``, which equals the proxy for white inputs (H = I) but ignores
+    the input scale, so mixing the two ranks fallback units only roughly (the count is
+    returned and logged). With ``scale_by_frequency`` a routed expert's loss is
+    multiplied by its token share: expert Hessians average over routed tokens only, so
+    without the factor a rarely used expert would weigh as much as attention, which
+    sees every token.
+
+    Args:
+        weights: unit name -> weight [R, K].
+        units: the units to score.
+        stats: profile with hessians / routing counts, or None (all fallback, no scaling).
+        group_sizes: unit name -> group size.
+        bits: widths to score.
+        symmetric: quantization symmetry.
+        hessian: ``full`` or ``diag`` (see :func:`weighted_error`).
+        scale_by_frequency: multiply expert losses by their token share.
+
+    Returns:
+        ({unit name: {bits: loss}}, {"fallback_units": n, "frequency_scaled_units": m}).
+
+    Raises:
+        ValueError: unknown hessian mode.
+    """
+    if hessian not in HESSIAN_MODES:
+        raise ValueError(f"hessian={hessian!r}; allowed: {HESSIAN_MODES}")
+    hessians = stats.hessians if stats is not None else {}
+    counts = stats.routing_counts if stats is not None else {}
+    table: dict[str, dict[int, float]] = {}
+    fallback = scaled = 0
+    for u in units:
+        W, H = weights[u.name], hessians.get(u.name)
+        fallback += H is None
+        factor = 1.0
+        if scale_by_frequency and u.kind == "expert" and u.layer in counts:
+            factor = token_share(stats, u.layer, u.expert)
+            scaled += 1
+        table[u.name] = {
+            b: factor * weighted_error(rtn_error(W, b, group_sizes[u.name], symmetric), H, hessian) for b in bits
+        }
+    if fallback:
+        logger.info("sensitivity: %d of %d units have no Hessian; using ||W-Q(W)||²", fallback, len(units))
+    return table, {"fallback_units": fallback, "frequency_scaled_units": scaled}

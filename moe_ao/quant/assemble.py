@@ -1,0 +1,64 @@
+"""Assemble per-unit quantization results into packed parameter tensors.
+
+Quantizers produce one :class:`QuantizedWeight` per unit; a stored parameter may hold
+many units (a fused experts bank holds 3·E of them). ``pack_param`` turns the results
+of one parameter's units into its ``PackedWeight`` (units not quantized stay as float
+slices) and measures each unit's relative error, so callers can drop the unpacked
+codes right away: memory stays bounded by one parameter's codes, not the model's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from moe_ao.quant.primitives import QuantizedWeight
+from moe_ao.tensors.packed import PackedWeight
+from moe_ao.units import Unit, unit_weight
+
+
+def units_by_param(all_units: Iterable[Unit]) -> dict[str, list[Unit]]:
+    """Units grouped by the parameter that stores them, in model order."""
+    out: dict[str, list[Unit]] = defaultdict(list)
+    for u in all_units:
+        out[u.param].append(u)
+    return out
+
+
+def pack_param(
+    model: nn.Module, fqn: str, param_units: list[Unit], results: Mapping[str, QuantizedWeight]
+) -> tuple[PackedWeight, dict[str, float]]:
+    """Packs one parameter; returns it with {unit name: relative error} of its quantized units.
+
+    Args:
+        model: the float model (read only).
+        fqn: the parameter's name.
+        param_units: every unit stored in that parameter.
+        results: quantized units (others are kept as float slices).
+    """
+    param = model.get_parameter(fqn)
+    if param_units[0].fused:
+        n_seg = max(u.segment for u in param_units) + 1
+        order = sorted(param_units, key=lambda u: (u.expert, u.segment))
+    else:
+        n_seg, order = 1, param_units
+    slices, errors = [], {}
+    for u in order:
+        W = unit_weight(model, u).detach()
+        q = results.get(u.name)
+        if q is None:
+            slices.append(W)
+            continue
+        slices.append(q)
+        Wf = W.float()
+        errors[u.name] = ((q.dequantize(torch.float32) - Wf).norm() / Wf.norm().clamp_min(1e-12)).item()
+    return PackedWeight.from_slices(slices, tuple(param.shape), n_seg, param.dtype), errors
+
+
+def record_units(report, todo: list[Unit], results: Mapping[str, QuantizedWeight], errors: Mapping[str, float]) -> None:
+    """Adds per-unit lines (kind, bits, relative error) to a report's ``quantized`` dict."""
+    for u in todo:
+        report.quantized[u.name] = {"kind": u.kind, "bits": results[u.name].bits, "rel_error": round(errors[u.name], 6)}
