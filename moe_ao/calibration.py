@@ -96,7 +96,7 @@ def load_calibration(
         text = "\n".join(t for t in source["text"] if t)
         if not text.strip():
             raise ValueError("calibration dataset has no text")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if ids.numel() < seq_len + 1:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed)
@@ -106,5 +106,5 @@ def load_calibration(
 
 def load_eval_tokens(tokenizer: Any, source: str = "wikitext2-test", max_tokens: int | None = None) -> torch.Tensor:
     """The held-out evaluation text as one token stream (int64 [N])."""
-    ids = torch.tensor(tokenizer(resolve_text(source, allow_eval=True), add_special_tokens=False)["input_ids"])
+    ids = torch.tensor(tokenizer(resolve_text(source, allow_eval=True), add_special_tokens=False, verbose=False)["input_ids"])
     return ids if max_tokens is None else ids[:max_tokens]

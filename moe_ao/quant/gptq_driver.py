@@ -56,8 +56,9 @@ def _phase(u: Unit) -> int:
     return 2 if u.kind == "attention" else 3
 
 
-def _scale_dtype(W: torch.Tensor) -> torch.dtype:
-    return W.dtype if W.dtype in (torch.bfloat16, torch.float16) else torch.float32
+def _scale_dtype(stored: torch.dtype) -> torch.dtype:
+    """Scales are stored in the model's 16-bit dtype (float32 for float32/64 models)."""
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _write_back(layer: nn.Module, prefix: str, u: Unit, q: QuantizedWeight) -> None:
@@ -95,7 +96,7 @@ def _quantize_phase(
         if fallback:
             record["fallbacks"][u.name] = fallback
         if H is None:
-            results[u.name] = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, _scale_dtype(W))
+            results[u.name] = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, _scale_dtype(opts["dtype"]))
             continue
         batches[(tuple(W.shape), spec)].append((u, W, H))
     for (_, spec), items in batches.items():
@@ -103,7 +104,7 @@ def _quantize_phase(
         Hs = torch.stack([h for _, _, h in items])  # [B, K, K]
         q, stats = gptq_quantize(
             Ws, Hs, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
-            scale_dtype=_scale_dtype(Ws), damp=opts["damp"], blocksize=opts["blocksize"],
+            scale_dtype=_scale_dtype(opts["dtype"]), damp=opts["damp"], blocksize=opts["blocksize"],
             act_order=opts["act_order"],
         )
         for i, (u, _, _) in enumerate(items):
@@ -128,6 +129,8 @@ def gptq_packed(
     min_tokens: int | None = None,
     weight_by_routing: bool = False,
     batch_size: int = 8,
+    compute_dtype: torch.dtype | None = None,
+    true_sequential: bool = True,
     progress: bool = True,
 ) -> dict[str, PackedWeight]:
     """GPTQ-quantized, packed parameters for every planned unit, without changing ``model``.
@@ -148,6 +151,10 @@ def gptq_packed(
         min_tokens: tokens below which an expert falls back (default: in_features).
         weight_by_routing: weight expert Hessians by routing weights.
         batch_size: calibration windows per forward.
+        compute_dtype: dtype of the layer-wise calibration forward passes (default:
+            float32 on CPU, the model's dtype elsewhere).
+        true_sequential: quantize a layer in the paper's phases, each re-running the
+            layer (default); False collects all of a layer's Hessians in one pass.
         progress: show a progress bar.
 
     Returns:
@@ -163,7 +170,12 @@ def gptq_packed(
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and int(calibration.max()) >= vocab:
         raise ValueError(f"calibration holds token id {int(calibration.max())} >= the model's vocab_size {vocab}")
-    opts = dict(damp=damp, blocksize=blocksize, act_order=act_order, min_tokens=min_tokens)
+    stored = next(model.parameters()).dtype
+    # bf16/fp16 arithmetic is slow on most CPUs (no native units), and GPTQ's Hessians
+    # want float32 anyway: calibrate CPU models in float32, GPU models in their dtype.
+    device = next(model.parameters()).device
+    compute_dtype = compute_dtype or (torch.float32 if device.type == "cpu" else stored)
+    opts = dict(damp=damp, blocksize=blocksize, act_order=act_order, min_tokens=min_tokens, dtype=stored)
     prefix_list, layers = decoder_layers(model)
     by_layer: dict[int, list[Unit]] = defaultdict(list)
     for u in planned:
@@ -172,15 +184,16 @@ def gptq_packed(
         by_layer[u.layer].append(u)
     record: dict[str, Any] = {"tokens": {}, "fallbacks": {}, "loss": {}, "routing_counts": {}}
     packed: dict[str, PackedWeight] = {}
-    inputs: LayerInputs = capture_inputs(model, calibration, batch_size)
+    inputs: LayerInputs = capture_inputs(model, calibration, batch_size).to(compute_dtype)
     all_layer_units = _layer_units(model)
     for i in tqdm(range(len(layers)), desc="gptq layers", disable=not progress):
         results: dict[str, QuantizedWeight] = {}
         prefix = f"{prefix_list}.{i}"
-        work = copy.deepcopy(layers[i])
-        units_i = sorted(by_layer.get(i, []), key=_phase)
-        for phase in sorted({_phase(u) for u in units_i}):
-            phase_units = [u for u in units_i if _phase(u) == phase]
+        work = copy.deepcopy(layers[i]).to(compute_dtype)
+        phase_of = _phase if true_sequential else (lambda u: 0)
+        units_i = by_layer.get(i, [])
+        for phase in sorted({phase_of(u) for u in units_i}):
+            phase_units = [u for u in units_i if phase_of(u) == phase]
             with LayerObserver(prefix, work, all_layer_units[i], {u.name for u in phase_units},
                                weight_by_routing) as obs:
                 run_layer(work, inputs)

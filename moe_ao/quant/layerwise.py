@@ -38,6 +38,18 @@ class LayerInputs:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         return iter(zip(self.hidden, self.kwargs))
 
+    def to(self, dtype: torch.dtype) -> LayerInputs:
+        """Casts hidden states and floating-point kwargs (rotary tables, masks) to ``dtype``."""
+
+        def cast(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return v.to(dtype)
+            if isinstance(v, tuple):
+                return tuple(cast(x) for x in v)
+            return v
+
+        return LayerInputs([h.to(dtype) for h in self.hidden], [{k: cast(v) for k, v in kw.items()} for kw in self.kwargs])
+
     @property
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
