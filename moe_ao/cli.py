@@ -47,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--hessians", action="store_true", help="also keep every unit's input Hessian")
     p.add_argument("-o", "--output", required=True, help="profile file (.pt)")
+    p = sub.add_parser("plan", help="build a bit plan with a named strategy, optionally at a budget",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="strategies:\n" + _strategy_help())
+    _add_model_arg(p)
+    p.add_argument("--strategy", required=True, help="strategy name (listed below)")
+    p.add_argument("--budget", type=float, default=None, help="average bits (paper accounting) to hit")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy parameter, repeatable (values read as JSON), e.g. --param k=2")
+    p.add_argument("--group-size", default="auto", help="int or 'auto' (largest of 128/64/32 dividing each unit)")
+    p.add_argument("--profile", help="profile file from `moe-ao profile` (else profiled now when needed)")
+    p.add_argument("--calibration", default="wikitext2-valid")
+    p.add_argument("--n-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heatmap", help="also write a layer x expert heatmap PNG here")
+    p.add_argument("-o", "--output", required=True, help="plan.json")
     p = sub.add_parser("quantize", help="quantize a model with a plan and save it")
     _add_model_arg(p)
     p.add_argument("--plan", required=True, help="plan.json")
@@ -98,6 +114,40 @@ def _cmd_profile(args: argparse.Namespace) -> None:
     print(json.dumps({str(k): v.tolist() for k, v in prof.routing_counts.items()}))
 
 
+def _strategy_help() -> str:
+    from moe_ao.planner import strategy_help
+
+    return strategy_help()
+
+
+# Strategies that read calibration statistics (profile); the rest need only weights.
+DATA_STRATEGIES = ("frequency", "frequency-global", "layerisp", "block-predictor", "combination", "knapsack", "optimizer")
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from moe_ao import models
+    from moe_ao.calibration import load_calibration
+    from moe_ao.planner import heatmap, parse_params, plan, summarize
+    from moe_ao.profile_stats import Profile
+    from moe_ao.profiling import profile
+
+    model, tok = models.load(args.model)
+    stats = None
+    if args.profile:
+        stats = Profile.load(args.profile)
+    elif args.strategy in DATA_STRATEGIES:
+        calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, args.seed, model.config)
+        stats = profile(model, calib, hessians=args.strategy in ("knapsack", "optimizer"), seed=args.seed)
+    group = args.group_size if args.group_size == "auto" else int(args.group_size)
+    p = plan(model, args.strategy, budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group,
+             **parse_params(args.param))
+    p.to_json(args.output)
+    print(summarize(p, model))
+    print(f"avg bits {p.avg_bits(model):.3f} (paper accounting), {p.true_avg_bits(model):.3f} true -> {args.output}")
+    if args.heatmap:
+        print(heatmap(p, model, args.heatmap))
+
+
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from moe_ao import models
     from moe_ao.api import quantize_
@@ -115,7 +165,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     print(save_quantized(model, args.output, tokenizer=tok, overwrite=True))
 
 
-COMMANDS = {"demo": _cmd_demo, "units": _cmd_units, "profile": _cmd_profile, "quantize": _cmd_quantize}
+COMMANDS = {"demo": _cmd_demo, "units": _cmd_units, "profile": _cmd_profile, "plan": _cmd_plan,
+            "quantize": _cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:
