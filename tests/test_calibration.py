@@ -17,7 +17,7 @@ class CharTokenizer:
     def __len__(self) -> int:
         return self.size
 
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+    def __call__(self, text, add_special_tokens=False, **kwargs):
         return {"input_ids": list(text.encode())}
 
 
