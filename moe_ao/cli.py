@@ -20,8 +20,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = DemoConfig()
     p.add_argument("--model", default=d.model, help="embedded model name or local HF checkpoint dir")
     p.add_argument("--method", default=d.method, choices=("gptq", "rtn"))
-    p.add_argument("--expert-bits", type=int, default=d.expert_bits, help="bits of routed experts")
-    p.add_argument("--other-bits", type=int, default=d.other_bits, help="bits of attention/shared/dense")
+    p.add_argument("--strategy", default=d.strategy, help="planner strategy (see `moe-ao plan --help`)")
+    p.add_argument("--budget", type=float, default=d.budget, help="average bits (paper accounting)")
     p.add_argument("--group-size", type=int, default=d.group_size)
     p.add_argument("--calibration", default=d.calibration, help="named source or text file")
     p.add_argument("--n-samples", type=int, default=d.n_samples)
@@ -81,7 +81,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     fields = {f.name for f in dataclasses.fields(DemoConfig)}
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
     r = run_demo(cfg)
-    print(f"model {r['model']}: {r['plan_avg_bits']:.2f} avg bits ({r['true_avg_bits']:.2f} true), {r['method']}")
+    print(f"model {r['model']}: {r['strategy']} plan at {r['plan_avg_bits']:.2f} avg bits"
+          f" ({r['true_avg_bits']:.2f} true, scales included), {r['method']}")
     print(f"memory   {r['bytes_before'] / 2**20:8.2f} MiB -> {r['bytes_after'] / 2**20:.2f} MiB "
           f"({r['bytes_before'] / r['bytes_after']:.2f}x smaller)")
     print(f"held-out KL {r['kl']:.4f}  top-1 agreement {r['top1']:.3f}  perplexity {r['ref_ppl']:.2f} -> {r['ppl']:.2f}")

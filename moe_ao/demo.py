@@ -24,7 +24,6 @@ from moe_ao.checkpoint import load_quantized, save_quantized
 from moe_ao.eval.metrics import compare, eval_windows, logprobs
 from moe_ao.plan import Plan
 from moe_ao.report import memory_report
-from moe_ao.units import units
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +34,8 @@ class DemoConfig:
 
     model: str = "tiny-mixtral"
     method: str = "gptq"
-    expert_bits: int = 2
-    other_bits: int = 4
+    strategy: str = "knapsack"
+    budget: float = 2.5
     group_size: int = 32
     calibration: str = "wikitext2-valid"
     n_samples: int = 64
@@ -47,12 +46,13 @@ class DemoConfig:
     seed: int = 0
 
 
-def default_plan(model: torch.nn.Module, cfg: DemoConfig) -> Plan:
-    """Routed experts at ``expert_bits``, attention/shared/dense at ``other_bits``."""
-    us = units(model)
-    bits = {u.name: cfg.expert_bits for u in us if u.kind == "expert"}
-    bits |= {u.name: cfg.other_bits for u in us if u.kind in ("attention", "shared_expert", "dense_mlp")}
-    return Plan(bits, group_size=cfg.group_size, meta={"strategy": "experts-low", "source": "demo"})
+def build_plan(model: torch.nn.Module, cfg: DemoConfig, calib: torch.Tensor) -> Plan:
+    """The planner's strategy at the budget, profiled on the calibration windows."""
+    from moe_ao.planner import plan
+    from moe_ao.profiling import profile
+
+    stats = profile(model, calib, hessians=cfg.strategy in ("knapsack", "optimizer"), seed=cfg.seed)
+    return plan(model, cfg.strategy, budget_bits=cfg.budget, stats=stats, seed=cfg.seed, group_size=cfg.group_size)
 
 
 @torch.no_grad()
@@ -74,12 +74,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     windows = eval_windows(load_eval_tokens(tokenizer), cfg.seq_len, cfg.eval_windows)
     ref_lp = logprobs(ref, windows)
     before = memory_report(model)
-    plan = default_plan(model, cfg)
-    calib = None
-    if cfg.method == "gptq":
-        calib = load_calibration(cfg.calibration, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, model.config)
+    calib = load_calibration(cfg.calibration, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, model.config)
     t = time.perf_counter()
-    quantize_(model, plan, method=cfg.method, calibration=calib)
+    plan = build_plan(model, cfg, calib)
+    plan_s = time.perf_counter() - t
+    t = time.perf_counter()
+    quantize_(model, plan, method=cfg.method, calibration=calib if cfg.method == "gptq" else None)
     quant_s = time.perf_counter() - t
     out_dir = save_quantized(model, cfg.out, tokenizer=tokenizer, overwrite=True)
     reloaded = load_quantized(out_dir)
@@ -92,7 +92,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     result = {
         "model": cfg.model, "method": cfg.method, "plan_avg_bits": plan.avg_bits(model),
         "true_avg_bits": after.avg_bits_quantized, "bytes_before": before.total_bytes,
-        "bytes_after": after.total_bytes, "quantize_seconds": quant_s, "reload_bit_exact": same,
+        "bytes_after": after.total_bytes, "plan_seconds": plan_s, "quantize_seconds": quant_s,
+        "strategy": cfg.strategy, "budget": cfg.budget, "reload_bit_exact": same,
         **q.as_dict(), "tokens_per_s_before": tps_ref, "tokens_per_s_after": tps_q,
         "sample_before": text_ref, "sample_after": text_q,
         "fallbacks": len(quantization_report(model).extra.get("fallbacks", {})),
@@ -105,7 +106,8 @@ def _write_report(out_dir: Path, r: dict[str, Any], before, after) -> None:
     lines = [
         f"# moe_ao demo: {r['model']} ({r['method']})",
         "",
-        f"- plan: {r['plan_avg_bits']:.3f} avg bits (paper accounting), {r['true_avg_bits']:.3f} true bits",
+        f"- plan: {r['strategy']} at budget {r['budget']}: {r['plan_avg_bits']:.3f} avg bits (paper accounting),"
+        f" {r['true_avg_bits']:.3f} true bits; planning took {r['plan_seconds']:.1f} s",
         f"- size: {r['bytes_before'] / 2**20:.2f} MiB -> {r['bytes_after'] / 2**20:.2f} MiB",
         f"- held-out KL {r['kl']:.4f}, top-1 agreement {r['top1']:.3f}, perplexity {r['ref_ppl']:.2f} -> {r['ppl']:.2f}",
         f"- decode {r['tokens_per_s_before']:.1f} -> {r['tokens_per_s_after']:.1f} tokens/s (eager, this machine)",
