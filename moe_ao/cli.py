@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default="wikitext2-valid")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="process columns in natural order (the paper's Mixtral setting)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint dir")
     return parser
 

@@ -125,7 +125,7 @@ def gptq_packed(
     *,
     damp: float = 0.01,
     blocksize: int = 128,
-    act_order: bool = False,
+    act_order: bool = True,
     min_tokens: int | None = None,
     weight_by_routing: bool = False,
     batch_size: int = 8,
@@ -147,7 +147,9 @@ def gptq_packed(
             tokens, fallbacks and GPTQ losses to ``report.extra``.
         damp: GPTQ dampening (fraction of mean diag H).
         blocksize: GPTQ lazy-batch block.
-        act_order: GPTQ act-order with static groups.
+        act_order: GPTQ act-order with static groups (default; the paper ran Mixtral
+            without it). Measured on both embedded models it cut KL by 1.4-1.6x at equal
+            cost, and it is what llm-compressor does by default.
         min_tokens: tokens below which an expert falls back (default: in_features).
         weight_by_routing: weight expert Hessians by routing weights.
         batch_size: calibration windows per forward.

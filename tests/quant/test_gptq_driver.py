@@ -59,7 +59,7 @@ def test_first_layer_matches_direct_gptq_on_observed_hessian():
     expected, _ = gptq_quantize(W, H, bits=3, group_size=32, scale_dtype=torch.float32)
     name = "model.layers.0.self_attn.q_proj"
     plan = moe_ao.Plan({name: 3}, group_size=32)
-    q = moe_ao.quantize_(model, plan, method="gptq", calibration=calib, progress=False)
+    q = moe_ao.quantize_(model, plan, method="gptq", calibration=calib, act_order=False, progress=False)
     got = q.model.layers[0].self_attn.q_proj.weight.dequantize()
     torch.testing.assert_close(got, expected.dequantize(torch.float32), rtol=0, atol=1e-5)
 
