@@ -8,7 +8,8 @@ would have to emulate op by op, and its ``eager`` loop breaks the graph on ``non
 It touches weights only through indexing (``w[ids]``), which a PackedWeight answers
 with dense dequantized experts, so it serves plain and packed weights alike:
 
-- decode (few routed pairs): dequantize only the selected experts and use bmm;
+- decode (few routed pairs): dequantize only the selected experts and use bmm; a packed
+  bank on CPU is instead read directly by ``moe_ao.kernels.cpu_packed`` (no dense copy);
 - prefill: dequantize the bank once and run a grouped matmul over sorted tokens.
 
 Shapes: T tokens, k = top-k, S = T*k routed pairs, E experts, H hidden, I intermediate.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_ao.kernels.cpu_packed import packed_experts_linear
 from moe_ao.kernels.grouped_mm import grouped_mm
 from moe_ao.tensors.packed import PackedWeight
 
@@ -27,6 +29,13 @@ IMPLEMENTATION = "moe_ao"
 def dense_bank(w: torch.Tensor) -> torch.Tensor:
     """All experts of a (possibly packed) [E, N, K] bank as a dense tensor."""
     return w.dequantize() if isinstance(w, PackedWeight) else w
+
+
+def _experts_matvec(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row s of x [S, K] times expert ids[s] of bank [E, N, K] -> [S, N]."""
+    if isinstance(bank, PackedWeight) and bank.device.type == "cpu":
+        return packed_experts_linear(x, bank, ids)  # reads packed codes (kernel or reference)
+    return torch.bmm(bank[ids], x.unsqueeze(-1)).squeeze(-1)
 
 
 def _activate(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -47,9 +56,9 @@ def moe_ao_experts_forward(
     if T * k <= self.num_experts:
         # Decode: reading S experts beats dequantizing all E of them.
         x = hidden_states.repeat_interleave(k, dim=0)  # [S, H]
-        h = torch.bmm(up_bank[ids], x.unsqueeze(-1)).squeeze(-1)  # [S, 2I]
+        h = _experts_matvec(up_bank, x, ids)  # [S, 2I]
         h = _activate(self, h)
-        out = torch.bmm(self.down_proj[ids], h.unsqueeze(-1)).squeeze(-1)  # [S, H]
+        out = _experts_matvec(self.down_proj, h, ids)  # [S, H]
     else:
         ids_sorted, perm = torch.sort(ids)
         x = hidden_states[perm // k]  # [S, H], grouped by expert

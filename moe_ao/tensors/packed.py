@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
+from moe_ao.kernels.cpu_packed import kernel_ok, packed_linear
 from moe_ao.quant.primitives import QuantizedWeight, dequantize_codes
 from moe_ao.tensors.packing import pack_codes, packed_size, unpack_codes
 
@@ -115,7 +116,8 @@ class PackedWeight(TorchAOBaseTensor):
             if b == 16:
                 buffers["d16"] = torch.stack([slices[i].to(dtype) for i in idx])
                 continue
-            buffers[f"q{b}"] = pack_codes(torch.stack([slices[i].codes for i in idx]), b)
+            # Packed slice by slice: the bank's unpacked codes never exist all at once.
+            buffers[f"q{b}"] = torch.stack([pack_codes(slices[i].codes, b) for i in idx])
             buffers[f"s{b}"] = torch.stack([slices[i].scale.to(dtype) for i in idx])
             if not symmetric:
                 buffers[f"z{b}"] = torch.stack([slices[i].zero for i in idx])
@@ -203,7 +205,11 @@ def _linear(func, types, args, kwargs):
         raise NotImplementedError(f"PackedWeight: F.linear needs a 2D packed weight, got {type(w).__name__}")
     if isinstance(x, PackedWeight) or isinstance(bias, PackedWeight):
         raise NotImplementedError("PackedWeight: F.linear with a packed input or bias")
-    # The dequantize-then-matmul reference path; moe_ao.kernels holds the fast ones.
+    if kernel_ok(x, w, x.numel() // x.shape[-1]):
+        # Decode on CPU: a kernel reads the packed codes directly (no dense weight).
+        out = packed_linear(x, w)
+        return out if bias is None else out + bias
+    # The dequantize-then-matmul reference path.
     return F.linear(x, w.dequantize(), bias)
 
 

@@ -1,0 +1,245 @@
+"""Decode-time CPU kernels that read PackedWeight buffers directly.
+
+Legend: M rows of x, K in features, N out features, S routed (token, expert) pairs,
+E experts, R rows per slice, n_b slices stored at b bits.
+
+Decode is memory bound: one token reads every selected weight once. Dequantizing to
+16 bits first (what Inductor does for ``x @ dequant(W)``; it does not fuse the unpacking
+into the matmul) writes and re-reads the weight at 16 bits, so it is slower than plain
+bf16. The C++ kernel in ``csrc/packed_gemv.cpp`` instead streams the packed codes once,
+
+    y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j),
+
+in fp32, parallel over output rows. Two custom ops expose it, each with a plain-PyTorch
+reference beside it (dequantize + matmul):
+
+- ``moe_ao::packed_linear``: x [M, K] times a 2D PackedWeight [N, K] -> [M, N];
+- ``moe_ao::packed_experts_linear``: x [S, K], row s times expert ids[s] of a 3D
+  PackedWeight [E, N, K] -> [S, N]; slices may mix 2/3/4/8/16 bits.
+
+Custom ops cannot take the tensor subclass, so the wrappers pass its inner buffers. The
+wrappers use the kernel only for CPU inference with few rows of x (see ``kernel_ok``);
+otherwise, and whenever ``MOE_AO_DISABLE_CPP=1``, they return the reference.
+
+The C++ source has no torch headers (a plain C ABI called through ctypes), so the first
+use compiles it in a few seconds, with ``-O3 -march=native -fopenmp``, into
+``~/.cache/moe_ao/cpp``; later processes reuse the build. Its OpenMP runtime is torch's
+own (same soname, already loaded), and it runs on ``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
+    from moe_ao.tensors.packed import PackedWeight
+
+__all__ = [
+    "DISABLE_ENV",
+    "MAX_KERNEL_ROWS",
+    "kernel_ok",
+    "packed_experts_linear",
+    "packed_experts_linear_reference",
+    "packed_linear",
+    "packed_linear_reference",
+]
+
+DISABLE_ENV = "MOE_AO_DISABLE_CPP"
+# Rows of x (per expert, on average) up to which the wrappers use the kernel. Its cost grows
+# linearly in M (4096x4096 4-bit, one thread: 0.9 ms at M = 1, 8.3 ms at 16, 33 ms at 64),
+# while dequantize + matmul costs about the same for any small M (260 ms eager; 24-56 ms
+# compiled, on 2 threads), so they cross near M = 64 against compiled code. Prefill
+# (hundreds of rows) belongs to dequantize + GEMM; 16 covers decode with a margin.
+MAX_KERNEL_ROWS = 16
+BUFFER_NAMES = ("q2", "s2", "z2", "q3", "s3", "z3", "q4", "s4", "z4", "q8", "s8", "z8", "d16")
+_SPECS = [(n, n[0], int(n[1:])) for n in BUFFER_NAMES]  # (name, kind, bits)
+_COUNTED = [BUFFER_NAMES.index(n) for n in ("q2", "q3", "q4", "q8", "d16")]  # dim 0 = slices per width
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CODES_PER_WORD = {2: 16, 3: 8, 4: 8, 8: 4}  # codes per 32-bit lane word in the kernel
+_SOURCE = Path(__file__).parent / "csrc" / "packed_gemv.cpp"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+
+
+# ------------------------------------------------------------------------------ build
+def _build_dir() -> Path:
+    """~/.cache/moe_ao/cpp/<torch version, machine, CPU flags>: -march=native is per CPU."""
+    flags = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), flags)
+    tag = hashlib.blake2b(f"{platform.machine()} {flags} {_CFLAGS}".encode(), digest_size=6).hexdigest()
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "moe_ao" / "cpp" / f"torch{torch.__version__}-{platform.machine()}-{tag}"
+
+
+@functools.cache
+def _kernel() -> ctypes._CFuncPtr:
+    """Compiles (first use per machine) and loads the C++ kernel; cached per process.
+
+    Raises:
+        RuntimeError: the compiler failed or is missing.
+    """
+    from torch.utils.cpp_extension import load
+
+    build_dir = _build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        path = load(name="moe_ao_packed_gemv", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(
+            f"moe_ao: compiling the CPU kernel {_SOURCE} failed. It needs a C++17 compiler (g++) and "
+            f"ninja; set {DISABLE_ENV}=1 to use the plain PyTorch path instead. Compiler output:\n{e}"
+        ) from e
+    fn = ctypes.CDLL(path).moe_ao_packed_mm
+    c_i64, c_ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_i64, ctypes.c_int,
+                   c_ptr, c_ptr, ctypes.c_int, c_ptr, ctypes.c_char_p, c_i64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+# ------------------------------------------------------------------------- the ops
+def _check_buffers(K: int, R: int, group_size: int, buffers: list[Tensor | None]) -> torch.dtype:
+    """Asserts the buffers fit together (the C++ side trusts them); returns the float dtype."""
+    assert len(buffers) == len(BUFFER_NAMES), f"{len(buffers)=}"
+    dtype = None
+    for (name, kind, bits), t in zip(_SPECS, buffers):
+        if t is None:
+            continue
+        width = K if kind == "d" else (-(-K // 8) * bits if kind == "q" else K // group_size)
+        assert t.shape[1:] == (R, width) and t.is_contiguous(), f"{name}: {t.shape=} {R=} {width=}"
+        if kind in "qz":
+            assert t.dtype == torch.uint8, f"{name}: {t.dtype=}"
+        else:
+            assert dtype in (None, t.dtype) and t.dtype in _DTYPE_CODE, f"{name}: {t.dtype=}, others {dtype}"
+            dtype = t.dtype
+    assert dtype is not None, "no scales or float slices among the buffers"
+    return dtype
+
+
+def _run_kernel(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, n_seg: int,
+                group_size: int, buffers: list[Tensor | None]) -> Tensor:
+    """Calls the C++ kernel on CPU tensors; returns [M, out_features] in x's dtype."""
+    M, K = x.shape
+    R = out_features // n_seg
+    dtype = _check_buffers(K, R, group_size, buffers)
+    assert slot.dtype == torch.int32 and slot.shape[1:] == (3,) and slot.is_contiguous(), f"{slot.shape=}"
+    assert x.device.type == "cpu" and all(t is None or t.device.type == "cpu" for t in buffers), "CPU only"
+    xf = x.float().contiguous()
+    ids64 = None if ids is None else ids.to(torch.int64).contiguous()
+    out = torch.empty(M, out_features, dtype=torch.float32)
+    ptrs = (ctypes.c_void_p * len(buffers))(*[None if t is None else t.data_ptr() for t in buffers])
+    counts = (ctypes.c_int64 * len(_COUNTED))(*[0 if buffers[i] is None else buffers[i].shape[0] for i in _COUNTED])
+    err = ctypes.create_string_buffer(256)
+    rc = _kernel()(xf.data_ptr(), M, K, None if ids64 is None else ids64.data_ptr(), slot.data_ptr(),
+                   slot.shape[0], n_seg, R, group_size, _DTYPE_CODE[dtype], ptrs, counts,
+                   torch.get_num_threads(), out.data_ptr(), err, len(err))
+    if rc != 0:
+        raise RuntimeError(f"moe_ao packed CPU kernel: {err.value.decode()}")
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+@torch.library.custom_op("moe_ao::packed_linear", mutates_args=())
+def _packed_linear_op(x: Tensor, slot: Tensor, out_features: int, n_seg: int, group_size: int,
+                      buffers: list[Tensor | None]) -> Tensor:
+    """x [M, K] times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype."""
+    return _run_kernel(x, None, slot, out_features, n_seg, group_size, buffers)
+
+
+@_packed_linear_op.register_fake
+def _(x, slot, out_features, n_seg, group_size, buffers):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("moe_ao::packed_experts_linear", mutates_args=())
+def _packed_experts_linear_op(x: Tensor, ids: Tensor, slot: Tensor, out_features: int, n_seg: int,
+                              group_size: int, buffers: list[Tensor | None]) -> Tensor:
+    """Row s of x [S, K] times expert ids[s] of a 3D packed weight [E, N, K] -> [S, N]."""
+    return _run_kernel(x, ids, slot, out_features, n_seg, group_size, buffers)
+
+
+@_packed_experts_linear_op.register_fake
+def _(x, ids, slot, out_features, n_seg, group_size, buffers):
+    assert ids.shape == x.shape[:1], f"{ids.shape=} {x.shape=}"
+    return x.new_empty(x.shape[0], out_features)
+
+
+# ----------------------------------------------------------------- public wrappers
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
+
+
+def kernel_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
+    """Whether the CPU kernel serves ``x`` times ``w`` (else use the reference).
+
+    Static properties only (device, dtype, shapes, grad mode), so a compiled model
+    specialises on them without graph breaks. The kernel is inference only: with autograd
+    recording a grad of x, the differentiable reference runs instead.
+    """
+    quant_bits = [b for b in set(w.slice_bits) if b != 16]
+    return (
+        x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and x.dtype in _DTYPE_CODE
+        and w.dtype in _DTYPE_CODE
+        and x.shape[-1] == w.logical_shape[-1]
+        and 1 <= rows <= MAX_KERNEL_ROWS
+        and all(w.group_size % _CODES_PER_WORD[b] == 0 for b in quant_bits)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not _disabled()
+    )
+
+
+def _buffers(w: PackedWeight) -> list[Tensor | None]:
+    return [getattr(w, name) for name in BUFFER_NAMES]
+
+
+def packed_linear_reference(x: Tensor, w: PackedWeight) -> Tensor:
+    """Plain PyTorch: x [..., K] @ dequantize(w [N, K]).T -> [..., N]."""
+    return F.linear(x, w.dequantize(x.dtype))
+
+
+def packed_linear(x: Tensor, w: PackedWeight) -> Tensor:
+    """x [..., K] times a 2D PackedWeight [N, K] -> [..., N], in x's dtype.
+
+    Uses the CPU kernel for few rows (decode), the reference otherwise.
+    """
+    assert len(w.logical_shape) == 2, f"{w.logical_shape=}"
+    N, K = w.logical_shape
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    if not kernel_ok(x2, w, x2.shape[0]):
+        return packed_linear_reference(x, w)
+    out = torch.ops.moe_ao.packed_linear(x2, w.slot, N, w.n_seg, w.group_size, _buffers(w))
+    return out.reshape(*x.shape[:-1], N)
+
+
+def packed_experts_linear_reference(x: Tensor, w: PackedWeight, ids: Tensor) -> Tensor:
+    """Plain PyTorch: dequantize experts ids of w [E, N, K], then bmm with x [S, K] -> [S, N]."""
+    return torch.bmm(w.dequantize_experts(ids).to(x.dtype), x.unsqueeze(-1)).squeeze(-1)
+
+
+def packed_experts_linear(x: Tensor, w: PackedWeight, ids: Tensor) -> Tensor:
+    """Row s of x [S, K] times expert ids[s] of a 3D PackedWeight [E, N, K] -> [S, N].
+
+    Uses the CPU kernel while rows per expert are few on average (S <= 16 E: decode),
+    the reference otherwise.
+    """
+    assert len(w.logical_shape) == 3 and x.dim() == 2 and ids.shape == x.shape[:1], (
+        f"{w.logical_shape=} {x.shape=} {ids.shape=}"
+    )
+    E, N, K = w.logical_shape
+    if not kernel_ok(x, w, -(-x.shape[0] // E)):
+        return packed_experts_linear_reference(x, w, ids)
+    return torch.ops.moe_ao.packed_experts_linear(x, ids, w.slot, N, w.n_seg, w.group_size, _buffers(w))

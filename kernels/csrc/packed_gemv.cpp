@@ -1,0 +1,515 @@
+// Mixed-bit GEMV / small-batch GEMM over moe_ao PackedWeight buffers, on CPU.
+//
+// Legend: M x rows, K in features, Kb packed bytes per row, R rows per slice, G groups per
+// row, lane = one of 16 vector lanes, CPL = codes per lane, block = 16 lanes of codes.
+//
+// A plain C ABI with no torch headers, so it compiles in about a second; kernels/cpu_packed.py
+// calls it through ctypes and wraps it in torch custom ops. Portable GCC vector extensions
+// (16 x fp32): -march=native lowers them to AVX-512 (or pairs of AVX2 registers, or NEON).
+//
+// The sum never materialises dequantized weights:
+//     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j)
+// accumulated in fp32. Bit layout (moe_ao/tensors/packing.py): each run of 8 codes is
+// `bits` bytes, code j of the run at bit offset bits*j of the little-endian word.
+//
+// Unpacking: lane i of a 16-lane block holds one 32-bit word of codes (b = 2, 4, 8: the
+// word at byte 4i; b = 3: the 24-bit run at byte 3i), so code j of every lane sits at bit
+// b*j. For b < 8 one shift right by b*j and a 16-entry table lookup (vpermps, which
+// reads only the low 4 index bits: no mask) give the codes as fp32; for b = 8 the code
+// is masked in place, w & (255 << 8j) = q * 2^(8j), converted exactly, and multiplied by
+// x pre-scaled by 2^(-8j) (a power of two: exact). Then one FMA per 16 codes. x is
+// permuted once per call into that lane order (xp); the weights are only ever read.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x64 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef _Float16 f16x16 __attribute__((vector_size(32)));
+
+constexpr int LANES = 16;
+constexpr int MAX_MT = 4;     // x rows sharing one pass over the weights (3*MT vector accumulators)
+constexpr int64_t TILE = 16;  // output rows per OpenMP work item: a few us, so dynamic scheduling is cheap
+// Software prefetch distance along the codes: about one 4-bit row of K = 4096 ahead. The
+// hardware prefetchers alone left the loop waiting on DRAM (2x slower at 2 bits, single
+// thread, weights streamed from DRAM); 1-4 KB measured alike, 2 KB best.
+constexpr int64_t PREFETCH_BYTES = 2048;
+constexpr int N_WIDTHS = 5;   // buffer order of PackedWeight: 2, 3, 4, 8, 16 bits
+constexpr int WIDTHS[N_WIDTHS] = {2, 3, 4, 8, 16};
+
+enum DType { F32 = 0, BF16 = 1, F16 = 2 };
+
+template <int BITS> struct Layout;
+template <> struct Layout<2> { static constexpr int CPL = 16, BLOCK_BYTES = 64; };
+template <> struct Layout<3> { static constexpr int CPL = 8, BLOCK_BYTES = 48; };
+template <> struct Layout<4> { static constexpr int CPL = 8, BLOCK_BYTES = 64; };
+template <> struct Layout<8> { static constexpr int CPL = 4, BLOCK_BYTES = 64; };
+
+int width_index(int bits) {
+  for (int i = 0; i < N_WIDTHS; ++i)
+    if (WIDTHS[i] == bits) return i;
+  return -1;
+}
+
+int codes_per_lane(int bits) { return bits == 2 ? 16 : bits == 8 ? 4 : 8; }
+
+inline f32x16 load_f32(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(f32x16 v) {  // a tree: 4 dependent adds, not 15
+  v += __builtin_shuffle(v, i32x16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, i32x16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, i32x16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, i32x16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+
+// 16 values of a 16-bit or 32-bit float array as fp32.
+template <int DT> inline f32x16 load16(const void* p, int64_t i);
+template <> inline f32x16 load16<F32>(const void* p, int64_t i) {
+  return load_f32(static_cast<const float*>(p) + i);
+}
+template <> inline f32x16 load16<BF16>(const void* p, int64_t i) {
+  u16x16 h;
+  std::memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
+  u32x16 w = __builtin_convertvector(h, u32x16) << 16;  // bf16 is the top half of an fp32
+  f32x16 v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+template <> inline f32x16 load16<F16>(const void* p, int64_t i) {
+  f16x16 h;
+  std::memcpy(&h, static_cast<const _Float16*>(p) + i, sizeof h);
+  return __builtin_convertvector(h, f32x16);
+}
+
+template <int DT> inline float load1(const void* p, int64_t i);
+template <> inline float load1<F32>(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+template <> inline float load1<BF16>(const void* p, int64_t i) {
+  uint32_t w = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+template <> inline float load1<F16>(const void* p, int64_t i) { return float(static_cast<const _Float16*>(p)[i]); }
+
+// n values -> fp32 dst (dst has room for a multiple of 16 beyond n, zero-filled).
+template <int DT> void to_f32(const void* src, int64_t n, float* dst, int64_t padded) {
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    f32x16 v = load16<DT>(src, i);
+    std::memcpy(dst + i, &v, sizeof v);
+  }
+  for (; i < n; ++i) dst[i] = load1<DT>(src, i);
+  for (; i < padded; ++i) dst[i] = 0.f;
+}
+
+void scales_to_f32(int dt, const void* src, int64_t n, float* dst, int64_t padded) {
+  if (dt == BF16) to_f32<BF16>(src, n, dst, padded);
+  else if (dt == F16) to_f32<F16>(src, n, dst, padded);
+  else to_f32<F32>(src, n, dst, padded);
+}
+
+// ---------------------------------------------------------------------------- x setup
+// xp[blk][j][i] = x[blk*16*CPL + CPL*i + j] (times 2^(-8j) for 8 bits): lane order of the codes.
+void permute_x(const float* x, int64_t K, int bits, int64_t nblk, float* xp) {
+  const int cpl = codes_per_lane(bits);
+  for (int64_t blk = 0; blk < nblk; ++blk)
+    for (int j = 0; j < cpl; ++j) {
+      float* dst = xp + (blk * cpl + j) * LANES;
+      const float scale = bits == 8 ? std::ldexp(1.f, -8 * j) : 1.f;  // a power of two: exact
+      for (int i = 0; i < LANES; ++i) {
+        const int64_t k = blk * LANES * cpl + int64_t(cpl) * i + j;
+        dst[i] = k < K ? x[k] * scale : 0.f;
+      }
+    }
+}
+
+// sum of n floats in double, four independent chains (not one latency-bound chain)
+float sum(const float* x, int64_t n) {
+  double a[4] = {};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int c = 0; c < 4; ++c) a[c] += x[k + c];
+  for (; k < n; ++k) a[0] += x[k];
+  return float((a[0] + a[1]) + (a[2] + a[3]));
+}
+
+int64_t n_blocks(int64_t K, int bits) {
+  const int64_t codes = int64_t(LANES) * codes_per_lane(bits);
+  return (K + codes - 1) / codes;
+}
+
+// Per-block scale vector: lane i of block blk belongs to group (blk*BC + i*CPL) / gs.
+struct ScaleMap {
+  enum Mode { BROADCAST, PERMUTE, GENERAL } mode;
+  int64_t groups_per_block = 0;
+  i32x16 pattern = {};
+  std::vector<int32_t> group;  // BROADCAST: group of each block; GENERAL: group of each lane
+
+  ScaleMap(int bits, int64_t gs, int64_t nblk) {
+    const int64_t cpl = codes_per_lane(bits), block_codes = LANES * cpl;
+    if (gs % block_codes == 0) {
+      mode = BROADCAST;
+      for (int64_t blk = 0; blk < nblk; ++blk) group.push_back(int32_t(blk * block_codes / gs));
+    } else if (block_codes % gs == 0) {
+      mode = PERMUTE;
+      groups_per_block = block_codes / gs;
+      for (int i = 0; i < LANES; ++i) pattern[i] = int32_t(i * cpl / gs);
+    } else {
+      mode = GENERAL;
+      for (int64_t lane = 0; lane < nblk * LANES; ++lane) group.push_back(int32_t(lane * cpl / gs));
+    }
+  }
+
+  // srow: fp32 scales of one row, zero-padded by 16 (tail lanes may point past G).
+  inline f32x16 load(const float* srow, int64_t blk) const {
+    if (mode == BROADCAST) return f32x16{} + srow[group[size_t(blk)]];
+    if (mode == PERMUTE) return __builtin_shuffle(load_f32(srow + blk * groups_per_block), pattern);
+    f32x16 v;
+    for (int i = 0; i < LANES; ++i) v[i] = srow[group[size_t(blk * LANES + i)]];
+    return v;
+  }
+};
+
+// The 16 lane words of one block, for a block that may read 64 bytes from p.
+template <int BITS> inline u32x16 lane_words(const uint8_t* p) {
+  u8x64 raw;
+  std::memcpy(&raw, p, sizeof raw);
+  if constexpr (BITS == 3) {
+    // lane i <- bytes 3i, 3i+1, 3i+2; its top byte is junk that every code mask clears.
+    const u8x64 idx = {0,  1,  2,  0, 3,  4,  5,  0, 6,  7,  8,  0, 9,  10, 11, 0,
+                       12, 13, 14, 0, 15, 16, 17, 0, 18, 19, 20, 0, 21, 22, 23, 0,
+                       24, 25, 26, 0, 27, 28, 29, 0, 30, 31, 32, 0, 33, 34, 35, 0,
+                       36, 37, 38, 0, 39, 40, 41, 0, 42, 43, 44, 0, 45, 46, 47, 0};
+    raw = __builtin_shuffle(raw, idx);
+  }
+  u32x16 w;
+  std::memcpy(&w, &raw, sizeof w);
+  return w;
+}
+
+// Code j of every lane as fp32. b < 8: a 16-entry table lookup (vpermps) on the lane
+// shifted right by b*j: the lookup reads only the low 4 bits, so no mask is needed.
+// b = 8: masked in place and converted, q_j * 2^(8j) exactly (xp holds x * 2^(-8j)).
+template <int BITS> inline f32x16 code(u32x16 w, int j) {
+  if constexpr (BITS == 8) {
+    return __builtin_convertvector(w & (0xFFu << (8 * j)), f32x16);
+  } else {
+    constexpr int M = (1 << BITS) - 1;  // the table maps the low 4 bits to the low b bits
+    const f32x16 table = {0, 1 & M, 2 & M, 3 & M, 4 & M, 5 & M, 6 & M, 7 & M,
+                          8 & M, 9 & M, 10 & M, 11 & M, 12 & M, 13 & M, 14 & M, 15 & M};
+    return __builtin_shuffle(table, (i32x16)(w >> (BITS * j)));
+  }
+}
+
+// part[t] = sum_j q_j x_t[j] over one block; two chains per x row hide FMA latency.
+template <int BITS, int MT>
+inline void block_dot(u32x16 w, const float* const* xp, int64_t blk, f32x16 (&part)[MT]) {
+  constexpr int CPL = Layout<BITS>::CPL;
+  f32x16 odd[MT];
+  for (int t = 0; t < MT; ++t) part[t] = odd[t] = f32x16{};
+#pragma GCC unroll 16
+  for (int j = 0; j < CPL; ++j) {
+    const f32x16 qj = code<BITS>(w, j);
+    for (int t = 0; t < MT; ++t) {
+      const f32x16 xv = load_f32(xp[t] + (blk * CPL + j) * LANES);
+      if (j % 2) odd[t] += qj * xv;
+      else part[t] += qj * xv;
+    }
+  }
+  for (int t = 0; t < MT; ++t) part[t] += odd[t];
+}
+
+// dots[t] = sum_j s_g(j) q_j x_t[j] - sum of zterm[t]'s lanes, for one packed row.
+template <int BITS, int MT>
+void dot_row(const uint8_t* q, int64_t Kb, const uint8_t* qend, const float* const* xp, int64_t nblk,
+             const float* srow, const ScaleMap& sm, const f32x16* zterm, float* dots) {
+  constexpr int BB = Layout<BITS>::BLOCK_BYTES;
+  f32x16 acc[MT], part[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = -zterm[t];
+  // Blocks that may load 64 bytes: whole blocks, less (3 bits: 48-byte blocks) one whose
+  // 64-byte load would run past the end of the buffer.
+  int64_t fast = Kb / BB;
+  if (BB < 64 && fast > 0 && q + (fast - 1) * BB + 64 > qend) --fast;
+  for (int64_t blk = 0; blk < fast; ++blk) {
+    __builtin_prefetch(q + blk * BB + PREFETCH_BYTES, 0, 3);
+    block_dot<BITS, MT>(lane_words<BITS>(q + blk * BB), xp, blk, part);
+    const f32x16 s = sm.load(srow, blk);
+    for (int t = 0; t < MT; ++t) acc[t] += s * part[t];
+  }
+  for (int64_t blk = fast; blk < nblk; ++blk) {  // the row's tail: copy, zero-padded
+    uint8_t tail[64] = {};
+    std::memcpy(tail, q + blk * BB, size_t(std::min<int64_t>(BB, Kb - blk * BB)));
+    block_dot<BITS, MT>(lane_words<BITS>(tail), xp, blk, part);
+    const f32x16 s = sm.load(srow, blk);
+    for (int t = 0; t < MT; ++t) acc[t] += s * part[t];
+  }
+  for (int t = 0; t < MT; ++t) dots[t] = hsum(acc[t]);
+}
+
+template <int DT, int MT>
+void dense_row(const void* wrow, int64_t K, const float* const* x, float* dots) {
+  f32x16 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = f32x16{};
+  int64_t k = 0;
+  for (; k + LANES <= K; k += LANES) {
+    const f32x16 wv = load16<DT>(wrow, k);
+    for (int t = 0; t < MT; ++t) acc[t] += wv * load_f32(x[t] + k);
+  }
+  for (int t = 0; t < MT; ++t) {
+    dots[t] = hsum(acc[t]);
+    for (int64_t kk = k; kk < K; ++kk) dots[t] += load1<DT>(wrow, kk) * x[t][kk];
+  }
+}
+
+// ---------------------------------------------------------------------------- driver
+struct Buffers {  // one bit width of a PackedWeight
+  const uint8_t* q = nullptr;
+  const void* s = nullptr;
+  const uint8_t* z = nullptr;
+  const void* d16 = nullptr;
+  int64_t n = 0;
+};
+
+struct Task {  // one slice times the x rows routed to it
+  int bits;
+  int64_t pos, col0;
+  const int64_t* rows;
+  int nrows;
+};
+
+// 64-byte aligned float storage: x is read in whole 64-byte vectors, never split over two lines.
+template <class T> struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U> Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const Aligned64&) const { return true; }
+  bool operator!=(const Aligned64&) const { return false; }
+};
+using AlignedFloats = std::vector<float, Aligned64<float>>;
+
+struct Problem {
+  const float* x;
+  int64_t M, K, N, R, G, gs;
+  int wdtype;
+  Buffers buf[N_WIDTHS];
+  AlignedFloats xp[N_WIDTHS];  // [M, xp_stride] x in lane order, per width
+  int64_t xp_stride[N_WIDTHS] = {};
+  std::vector<float> xsum;  // [M, G16] group sums of x
+  int64_t G16 = 0;
+  float* out;
+};
+
+template <int BITS, int MT>
+void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow, const f32x16* zterm,
+                   const ScaleMap& sm, int first) {
+  const int wi = width_index(BITS);
+  const Buffers& B = P.buf[wi];
+  const int64_t Kb = (P.K + 7) / 8 * BITS;
+  const uint8_t* q = B.q + (t.pos * P.R + r) * Kb;
+  const uint8_t* qend = B.q + B.n * P.R * Kb;
+  const float* xp[MT];
+  for (int i = 0; i < MT; ++i) xp[i] = P.xp[wi].data() + t.rows[first + i] * P.xp_stride[wi];
+  float dots[MT];
+  dot_row<BITS, MT>(q, Kb, qend, xp, n_blocks(P.K, BITS), srow, sm, zterm + first, dots);
+  for (int i = 0; i < MT; ++i) P.out[t.rows[first + i] * P.N + t.col0 + r] = dots[i];
+}
+
+// One packed row times all the task's x rows, MAX_MT x rows per pass over the row.
+template <int BITS>
+void quant_row_chunks(const Problem& P, const Task& t, int64_t r, const float* srow, const f32x16* zterm,
+                      const ScaleMap& sm) {
+  int first = 0;
+  for (; first + MAX_MT <= t.nrows; first += MAX_MT) quant_rows_mt<BITS, MAX_MT>(P, t, r, srow, zterm, sm, first);
+  switch (t.nrows - first) {
+    case 3: quant_rows_mt<BITS, 3>(P, t, r, srow, zterm, sm, first); break;
+    case 2: quant_rows_mt<BITS, 2>(P, t, r, srow, zterm, sm, first); break;
+    case 1: quant_rows_mt<BITS, 1>(P, t, r, srow, zterm, sm, first); break;
+    default: break;
+  }
+}
+
+template <int BITS>
+void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
+                std::vector<f32x16>& zterm) {
+  const Buffers& B = P.buf[width_index(BITS)];
+  const ScaleMap sm(BITS, P.gs, n_blocks(P.K, BITS));
+  const float zsym = float(1 << (BITS - 1));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t row = t.pos * P.R + r;
+    float* srow = sbuf.data();
+    scales_to_f32(P.wdtype, static_cast<const char*>(B.s) + row * P.G * (P.wdtype == F32 ? 4 : 2), P.G, srow,
+                  P.G16 + LANES);
+    // zero-point term per x row: sum_g s_g z_g xsum_g (symmetric: z is the constant zsym)
+    const float* sz = srow;
+    if (B.z) {
+      const uint8_t* zrow = B.z + row * P.G;
+      float* szbuf = srow + P.G16 + LANES;
+      for (int64_t g = 0; g < P.G; ++g) szbuf[g] = srow[g] * float(zrow[g]);
+      for (int64_t g = P.G; g < P.G16; ++g) szbuf[g] = 0.f;
+      sz = szbuf;
+    }
+    for (int i = 0; i < t.nrows; ++i) {
+      const float* xs = P.xsum.data() + t.rows[i] * P.G16;
+      f32x16 a = f32x16{};
+      for (int64_t g = 0; g < P.G16; g += LANES) a += load_f32(sz + g) * load_f32(xs + g);
+      zterm[size_t(i)] = B.z ? a : a * zsym;  // reduced together with the row's dot product
+    }
+    quant_row_chunks<BITS>(P, t, r, srow, zterm.data(), sm);
+  }
+}
+
+template <int DT, int MT>
+void dense_rows_mt(const Problem& P, const Task& t, int64_t r, int first) {
+  const int64_t esize = DT == F32 ? 4 : 2;
+  const void* wrow = static_cast<const char*>(P.buf[N_WIDTHS - 1].d16) + (t.pos * P.R + r) * P.K * esize;
+  const float* x[MT];
+  for (int i = 0; i < MT; ++i) x[i] = P.x + t.rows[first + i] * P.K;
+  float dots[MT];
+  dense_row<DT, MT>(wrow, P.K, x, dots);
+  for (int i = 0; i < MT; ++i) P.out[t.rows[first + i] * P.N + t.col0 + r] = dots[i];
+}
+
+template <int DT>
+void dense_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int first = 0;
+    for (; first + MAX_MT <= t.nrows; first += MAX_MT) dense_rows_mt<DT, MAX_MT>(P, t, r, first);
+    switch (t.nrows - first) {
+      case 3: dense_rows_mt<DT, 3>(P, t, r, first); break;
+      case 2: dense_rows_mt<DT, 2>(P, t, r, first); break;
+      case 1: dense_rows_mt<DT, 1>(P, t, r, first); break;
+      default: break;
+    }
+  }
+}
+
+void run_tile(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
+              std::vector<f32x16>& zterm) {
+  switch (t.bits) {
+    case 2: quant_rows<2>(P, t, r0, r1, sbuf, zterm); break;
+    case 3: quant_rows<3>(P, t, r0, r1, sbuf, zterm); break;
+    case 4: quant_rows<4>(P, t, r0, r1, sbuf, zterm); break;
+    case 8: quant_rows<8>(P, t, r0, r1, sbuf, zterm); break;
+    default:
+      if (P.wdtype == BF16) dense_rows<BF16>(P, t, r0, r1);
+      else if (P.wdtype == F16) dense_rows<F16>(P, t, r0, r1);
+      else dense_rows<F32>(P, t, r0, r1);
+  }
+}
+
+int fail(char* err, int64_t err_len, const char* msg) {
+  std::snprintf(err, size_t(err_len), "%s", msg);
+  return 1;
+}
+
+}  // namespace
+
+// y[m, seg*R + r] = x[m] . W[ids[m]][seg*R + r]  for every x row m, segment seg, row r.
+//
+// x: fp32 [M, K]; ids: int64 [M] expert of each x row, or NULL (a 2D weight: expert 0);
+// slot: int32 [n_slices, 3] (bits, row in its buffer, -), n_slices = E * n_seg;
+// bufs: 13 pointers q2 s2 z2 q3 s3 z3 q4 s4 z4 q8 s8 z8 d16 (NULL when absent);
+// counts: entries n_b of the 2, 3, 4, 8, 16-bit buffers; wdtype: 0 fp32, 1 bf16, 2 fp16
+// (scales and d16); out: fp32 [M, n_seg*R]. Returns 0, or 1 with a message in err.
+extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int64_t* ids, const int32_t* slot,
+                                int64_t n_slices, int64_t n_seg, int64_t R, int64_t group_size, int wdtype,
+                                const void* const* bufs, const int64_t* counts, int n_threads, float* out,
+                                char* err, int64_t err_len) {
+  if (M <= 0 || K <= 0 || R <= 0 || n_seg <= 0 || n_slices % n_seg != 0) return fail(err, err_len, "bad shapes");
+  if (group_size <= 0 || K % group_size != 0) return fail(err, err_len, "group_size must divide K");
+  const int64_t E = n_slices / n_seg;
+  Problem P;
+  P.x = x;
+  P.M = M;
+  P.K = K;
+  P.R = R;
+  P.N = n_seg * R;
+  P.gs = group_size;
+  P.G = K / group_size;
+  P.G16 = (P.G + LANES - 1) / LANES * LANES;
+  P.wdtype = wdtype;
+  P.out = out;
+  for (int i = 0; i < N_WIDTHS - 1; ++i) {
+    P.buf[i].q = static_cast<const uint8_t*>(bufs[3 * i]);
+    P.buf[i].s = bufs[3 * i + 1];
+    P.buf[i].z = static_cast<const uint8_t*>(bufs[3 * i + 2]);
+    P.buf[i].n = counts[i];
+  }
+  P.buf[N_WIDTHS - 1].d16 = bufs[12];
+  P.buf[N_WIDTHS - 1].n = counts[N_WIDTHS - 1];
+
+  // Group x rows by expert so that each selected slice is read once per call.
+  std::vector<int64_t> order(size_t(M), 0);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  if (ids) {
+    for (int64_t m = 0; m < M; ++m)
+      if (ids[m] < 0 || ids[m] >= E) return fail(err, err_len, "expert id out of range");
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  }
+  std::vector<Task> tasks;
+  bool used[N_WIDTHS] = {};
+  for (int64_t i = 0; i < M;) {
+    const int64_t e = ids ? ids[order[size_t(i)]] : 0;
+    int64_t j = i;
+    while (j < M && (ids ? ids[order[size_t(j)]] : 0) == e) ++j;
+    for (int64_t seg = 0; seg < n_seg; ++seg) {
+      const int32_t* sl = slot + 3 * (e * n_seg + seg);
+      const int wi = width_index(sl[0]);
+      if (wi < 0 || sl[1] < 0 || sl[1] >= P.buf[wi].n) return fail(err, err_len, "slot table entry out of range");
+      if (wi < N_WIDTHS - 1 && (!P.buf[wi].q || !P.buf[wi].s)) return fail(err, err_len, "missing buffer");
+      if (wi < N_WIDTHS - 1 && group_size % codes_per_lane(sl[0]) != 0)
+        return fail(err, err_len, "group_size is not a multiple of the codes per 32-bit word");
+      used[wi] = true;
+      tasks.push_back(Task{sl[0], sl[1], seg * R, order.data() + i, int(j - i)});
+    }
+    i = j;
+  }
+
+  // x in lane order per bit width, and its group sums (for the zero-point term).
+  for (int wi = 0; wi < N_WIDTHS - 1; ++wi) {
+    if (!used[wi]) continue;
+    const int bits = WIDTHS[wi];
+    const int64_t nblk = n_blocks(K, bits);
+    P.xp_stride[wi] = nblk * LANES * codes_per_lane(bits);  // a multiple of 16: rows stay aligned
+    P.xp[wi].resize(size_t(M * P.xp_stride[wi]));
+    for (int64_t m = 0; m < M; ++m) permute_x(x + m * K, K, bits, nblk, P.xp[wi].data() + m * P.xp_stride[wi]);
+  }
+  P.xsum.assign(size_t(M * P.G16), 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < P.G; ++g) P.xsum[size_t(m * P.G16 + g)] = sum(x + m * K + g * group_size, group_size);
+
+  const int64_t tiles_per_task = (R + TILE - 1) / TILE;
+  const int64_t n_items = int64_t(tasks.size()) * tiles_per_task;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_items)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> sbuf(size_t(2 * (P.G16 + LANES)), 0.f);
+    std::vector<f32x16> zterm(static_cast<size_t>(M));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_items; ++item) {
+      const Task& t = tasks[size_t(item / tiles_per_task)];
+      const int64_t r0 = item % tiles_per_task * TILE;
+      run_tile(P, t, r0, std::min(R, r0 + TILE), sbuf, zterm);
+    }
+  }
+  return 0;
+}

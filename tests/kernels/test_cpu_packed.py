@@ -1,0 +1,267 @@
+"""The packed CPU kernels against float64 dequantize-then-matmul, plus op registration.
+
+Shapes: M rows of x, K in features, N out features, E experts, R rows per slice.
+
+Codes are drawn uniformly over the whole range (not from RTN) so every code value, the
+highest bits of each packed word included, reaches the kernel. The reference dequantizes
+from those codes in float64, independently of ``moe_ao.tensors.packing``.
+
+Tolerance: the kernel sums in fp32 in another order than the reference, so an output may
+be off by a few fp32 ulps of the *magnitudes* summed, not of the result (sum q x and
+z sum x nearly cancel). ``bound`` = sum_k (q + z) s |x| bounds those magnitudes; 1e-5 of
+it allows ~K/8 ulps. A wrong code, scale or group is off by O(s |x|) instead, 10^3 times more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_ao.kernels import cpu_packed
+from moe_ao.kernels.cpu_packed import (
+    DISABLE_ENV,
+    packed_experts_linear,
+    packed_experts_linear_reference,
+    packed_linear,
+    packed_linear_reference,
+)
+from moe_ao.quant.primitives import QuantizedWeight
+from moe_ao.tensors.packed import PackedWeight
+
+FP32_TOL = 1e-5
+# rounding the fp32 result to the output dtype
+OUT_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # the kernel serves inference; with grad on, the reference runs
+        yield
+
+
+def random_slice(R: int, K: int, bits: int, group_size: int, symmetric: bool, dtype: torch.dtype,
+                 g: torch.Generator) -> QuantizedWeight | torch.Tensor:
+    """One slice [R, K]: uniform codes, positive scales, uniform zeros; or a float slice."""
+    if bits == 16:
+        return torch.randn(R, K, generator=g).to(dtype)
+    G = K // group_size
+    codes = torch.randint(0, 2**bits, (R, K), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(R, G, generator=g) + 0.05).to(dtype)
+    zero = None if symmetric else torch.randint(0, 2**bits, (R, G), generator=g, dtype=torch.uint8)
+    return QuantizedWeight(codes, scale, zero, bits, group_size)
+
+
+def dequant64(s: QuantizedWeight | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, |q| + |z| magnitudes times s) of one slice in float64, [R, K] each."""
+    if not isinstance(s, QuantizedWeight):
+        return s.double(), s.double().abs()
+    q = s.codes.double().unflatten(-1, (-1, s.group_size))  # [R, G, g]
+    z = torch.full_like(s.scale, 2 ** (s.bits - 1), dtype=torch.float64) if s.zero is None else s.zero.double()
+    scale = s.scale.double().unsqueeze(-1)
+    return ((q - z.unsqueeze(-1)) * scale).flatten(-2), ((q + z.unsqueeze(-1)) * scale).flatten(-2)
+
+
+def assert_matches(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, mag: torch.Tensor) -> None:
+    """y [M, N] vs x [M, K] @ W.T in float64, W/mag [M or 1, N, K]."""
+    x64 = x.double()
+    ref = torch.einsum("mk,mnk->mn", x64, W.expand(x.shape[0], -1, -1))
+    bound = torch.einsum("mk,mnk->mn", x64.abs(), mag.expand(x.shape[0], -1, -1))
+    err = (y.double() - ref).abs()
+    allowed = FP32_TOL * bound + OUT_ULP[y.dtype] * ref.abs() + 1e-30
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert (err <= allowed).all(), f"max err/allowed {(err / allowed).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packed_linear_vs_float64(bits, group_size, symmetric, dtype):
+    g = torch.Generator().manual_seed(bits * 1000 + group_size + symmetric)
+    N, K = 40, 384  # 384 codes: 1.5 two-bit blocks (a row tail); 3-bit: the buffer-end block
+    s = random_slice(N, K, bits, group_size, symmetric, dtype, g)
+    w = PackedWeight.from_slices([s], (N, K), 1, dtype)
+    W, mag = dequant64(s)
+    for M in (1, 3):
+        x = torch.randn(M, K, generator=g).to(dtype)
+        assert_matches(packed_linear(x, w), x, W, mag)
+
+
+@pytest.mark.parametrize(
+    "bits, K, group_size",
+    [(2, 144, 48), (3, 144, 24), (4, 144, 24), (8, 144, 24), (8, 60, 12), (4, 40, 4)],
+)
+def test_odd_shapes_and_batched_x(bits, K, group_size):
+    """K not a multiple of a block (or of 8 codes), groups straddling blocks, x [2, 3, K]
+    (6 rows: passes of 4 and 2); group_size 4 has no kernel layout and takes the reference."""
+    g = torch.Generator().manual_seed(bits + K)
+    N = 19
+    s = random_slice(N, K, bits, group_size, False, torch.float32, g)
+    w = PackedWeight.from_slices([s], (N, K), 1, torch.float32)
+    x = torch.randn(2, 3, K, generator=g)
+    W, mag = dequant64(s)
+    y = packed_linear(x, w)
+    assert y.shape == (2, 3, N)
+    assert_matches(y.reshape(6, N), x.reshape(6, K), W, mag)
+
+
+def mixed_bank(E: int, n_seg: int, R: int, K: int, group_size: int, symmetric: bool, dtype: torch.dtype,
+               seed: int = 0) -> tuple[PackedWeight, torch.Tensor, torch.Tensor]:
+    """A 3D bank [E, n_seg*R, K] whose slices cycle through 2, 3, 4, 8 and 16 bits."""
+    g = torch.Generator().manual_seed(seed)
+    widths = (2, 3, 4, 8, 16, 2, 4)
+    slices = [random_slice(R, K, widths[i % len(widths)], group_size, symmetric, dtype, g) for i in range(E * n_seg)]
+    w = PackedWeight.from_slices(slices, (E, n_seg * R, K), n_seg, dtype)
+    deq = [dequant64(s) for s in slices]
+    W = torch.stack([d[0] for d in deq]).reshape(E, n_seg * R, K)
+    mag = torch.stack([d[1] for d in deq]).reshape(E, n_seg * R, K)
+    return w, W, mag
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("n_seg", [1, 2])
+def test_packed_experts_linear_vs_float64(n_seg, symmetric, dtype):
+    E, R, K = 5, 24, 256
+    w, W, mag = mixed_bank(E, n_seg, R, K, 64, symmetric, dtype, seed=n_seg + 2 * symmetric)
+    assert set(w.slice_bits) == {2, 3, 4, 8, 16}
+    g = torch.Generator().manual_seed(7)
+    for ids in (torch.tensor([3]), torch.tensor([4, 0, 4, 2, 1, 4, 3])):  # repeats: grouped rows
+        x = torch.randn(len(ids), K, generator=g).to(dtype)
+        assert_matches(packed_experts_linear(x, w, ids), x, W[ids], mag[ids])
+
+
+def test_threads_and_many_tiles():
+    """Several OpenMP threads over many row tiles give the one-thread result bit for bit."""
+    w, W, mag = mixed_bank(3, 2, 100, 128, 32, True, torch.bfloat16)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    ids = torch.tensor([2, 0, 2, 1])
+    one = packed_experts_linear(x, w, ids)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        many = packed_experts_linear(x, w, ids)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    assert_matches(many, x, W[ids], mag[ids])
+
+
+def test_matches_plain_reference_paths():
+    """The wrappers agree with their plain-PyTorch references (dequantize + matmul)."""
+    w, _, _ = mixed_bank(5, 2, 16, 128, 32, False, torch.float32)
+    x = torch.randn(3, 128)
+    ids = torch.tensor([1, 4, 1])
+    torch.testing.assert_close(packed_experts_linear(x, w, ids), packed_experts_linear_reference(x, w, ids),
+                               rtol=1e-4, atol=1e-3)
+    lin = PackedWeight.from_slices([random_slice(32, 128, 3, 32, True, torch.float32, torch.Generator())],
+                                   (32, 128), 1, torch.float32)
+    torch.testing.assert_close(packed_linear(x, lin), packed_linear_reference(x, lin), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.nn.functional.linear(x, lin), packed_linear_reference(x, lin),
+                               rtol=1e-4, atol=1e-4)
+
+
+def _no_kernel(*args, **kwargs):
+    raise AssertionError("the C++ kernel ran")
+
+
+def test_disable_env_uses_reference(monkeypatch):
+    w, _, _ = mixed_bank(5, 2, 16, 128, 32, True, torch.float32)
+    lin = PackedWeight.from_slices([random_slice(16, 128, 4, 32, True, torch.float32, torch.Generator())],
+                                   (16, 128), 1, torch.float32)
+    x, ids = torch.randn(2, 128), torch.tensor([0, 3])
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    monkeypatch.setattr(cpu_packed, "_run_kernel", _no_kernel)
+    torch.testing.assert_close(packed_experts_linear(x, w, ids), packed_experts_linear_reference(x, w, ids))
+    torch.testing.assert_close(packed_linear(x, lin), packed_linear_reference(x, lin))
+    torch.testing.assert_close(torch.nn.functional.linear(x, lin), packed_linear_reference(x, lin))
+
+
+def test_reference_for_prefill_and_autograd(monkeypatch):
+    """Many rows (prefill) and inputs that need a grad go to the differentiable reference."""
+    lin = PackedWeight.from_slices([random_slice(16, 64, 4, 32, True, torch.float32, torch.Generator())],
+                                   (16, 64), 1, torch.float32)
+    monkeypatch.setattr(cpu_packed, "_run_kernel", _no_kernel)
+    x = torch.randn(cpu_packed.MAX_KERNEL_ROWS + 1, 64)
+    torch.testing.assert_close(packed_linear(x, lin), packed_linear_reference(x, lin))
+    with torch.enable_grad():
+        xg = torch.randn(1, 64, requires_grad=True)
+        packed_linear(xg, lin).sum().backward()
+    assert xg.grad is not None
+
+
+def test_bad_expert_id_raises():
+    w, _, _ = mixed_bank(3, 1, 8, 64, 32, True, torch.float32)
+    with pytest.raises(RuntimeError, match="expert id out of range"):
+        packed_experts_linear(torch.randn(1, 64), w, torch.tensor([3]))
+
+
+def test_compile_error_is_a_clear_runtime_error(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_packed, "_SOURCE", broken)
+    monkeypatch.setattr(cpu_packed, "_build_dir", lambda: tmp_path / "build")
+    with pytest.raises(RuntimeError, match=f"(?s)compiling the CPU kernel .* {DISABLE_ENV}=1.*not C\\+\\+"):
+        cpu_packed._kernel.__wrapped__()  # uncached: the real kernel stays loaded
+
+
+def _op_args(w: PackedWeight) -> tuple:
+    return (w.slot, w.logical_shape[-2], w.n_seg, w.group_size, [getattr(w, n) for n in cpu_packed.BUFFER_NAMES])
+
+
+def test_opcheck():
+    w, _, _ = mixed_bank(3, 2, 8, 64, 32, False, torch.bfloat16)
+    x, ids = torch.randn(2, 64, dtype=torch.bfloat16), torch.tensor([2, 0])
+    torch.library.opcheck(torch.ops.moe_ao.packed_experts_linear.default, (x, ids, *_op_args(w)))
+    lin = PackedWeight.from_slices([random_slice(8, 64, 2, 32, True, torch.float32, torch.Generator())],
+                                   (8, 64), 1, torch.float32)
+    torch.library.opcheck(torch.ops.moe_ao.packed_linear.default, (torch.randn(3, 64), *_op_args(lin)))
+
+
+def test_compiled_fullgraph_keeps_the_ops():
+    w, W, mag = mixed_bank(5, 2, 16, 64, 32, True, torch.bfloat16)
+    lin = PackedWeight.from_slices([random_slice(64, 32, 3, 32, True, torch.bfloat16, torch.Generator())],
+                                   (64, 32), 1, torch.bfloat16)
+
+    def f(x, ids):
+        return torch.nn.functional.linear(packed_experts_linear(x, w, ids), lin)
+
+    x, ids = torch.randn(2, 64, dtype=torch.bfloat16), torch.tensor([4, 1])
+    explained = torch._dynamo.explain(f)(x, ids)
+    assert explained.graph_break_count == 0
+    targets = {str(n.target) for g in explained.graphs for n in g.graph.nodes}
+    assert "moe_ao.packed_experts_linear" in targets, targets
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, ids), f(x, ids))
+
+
+def test_tiny_mixtral_decode_compiles_without_breaks(monkeypatch):
+    """A quantized tiny Mixtral decodes one token in one graph (fullgraph: no breaks), and
+    both kernels run, in eager and compiled."""
+    import archs
+    from torch._dynamo.backends.registry import lookup_backend
+
+    import moe_ao
+
+    model = archs.build("mixtral", torch.bfloat16)
+    plan = moe_ao.Plan({u.name: 2 if u.kind == "expert" else 4 for u in moe_ao.units(model)
+                        if u.kind in ("expert", "attention")}, group_size=32)
+    moe_ao.quantize_(model, plan)
+    calls = []
+    run = cpu_packed._run_kernel
+    monkeypatch.setattr(cpu_packed, "_run_kernel", lambda x, ids, *a: calls.append(ids is None) or run(x, ids, *a))
+    token = torch.tensor([[5]])
+    eager = model(token).logits
+    n_layers = model.config.num_hidden_layers
+    assert sorted(calls) == [False] * n_layers * 2 + [True] * n_layers * 4  # experts x2, q/k/v/o per layer
+
+    graphs = []
+
+    def recording_aot_eager(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    calls.clear()
+    compiled = torch.compile(model, fullgraph=True, backend=recording_aot_eager)(token).logits
+    assert len(graphs) == 1
+    assert len(calls) == n_layers * 6
+    torch.testing.assert_close(compiled, eager)
