@@ -70,7 +70,7 @@ def lm_eval(
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise ImportError("moe_ao.eval.lm_eval needs lm-eval: pip install 'moe_ao[eval]'") from e
+        raise ImportError(f"moe_ao.eval.lm_eval needs lm-eval and accelerate ({e}): pip install 'moe_ao[eval]'") from e
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     manager = TaskManager(include_path=include_path) if include_path else None
     out = simple_evaluate(
