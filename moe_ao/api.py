@@ -24,7 +24,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from moe_ao import experts as experts_impl
 from moe_ao.plan import Plan, QuantSpec
 from moe_ao.quant.assemble import pack_param, record_units, units_by_param
-from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize
+from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize, scale_dtype_for
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import Unit, unit_weight, units
 
@@ -56,12 +56,7 @@ class QuantizationReport:
 
 def rtn_unit(unit: Unit, W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantizer for one unit."""
-    return rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype=_scale_dtype(W))
-
-
-def _scale_dtype(W: torch.Tensor) -> torch.dtype:
-    # 16-bit models store 16-bit scales; float32/64 models keep full-precision scales.
-    return W.dtype if W.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype=scale_dtype_for(W.dtype))
 
 
 def _check_ties(model: nn.Module, plan: Plan, all_units: list[Unit]) -> None:

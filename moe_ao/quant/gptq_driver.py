@@ -32,7 +32,7 @@ from moe_ao.quant.assemble import pack_param, record_units, units_by_param
 from moe_ao.quant.gptq import gptq_quantize
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize
+from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize, scale_dtype_for
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import Unit, decoder_layers, unit_weight
 
@@ -54,11 +54,6 @@ def _phase(u: Unit) -> int:
         if u.proj in names:
             return i
     return 2 if u.kind == "attention" else 3
-
-
-def _scale_dtype(stored: torch.dtype) -> torch.dtype:
-    """Scales are stored in the model's 16-bit dtype (float32 for float32/64 models)."""
-    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _write_back(layer: nn.Module, prefix: str, u: Unit, q: QuantizedWeight) -> None:
@@ -96,7 +91,7 @@ def _quantize_phase(
         if fallback:
             record["fallbacks"][u.name] = fallback
         if H is None:
-            results[u.name] = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, _scale_dtype(opts["dtype"]))
+            results[u.name] = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype_for(opts["dtype"]))
             continue
         batches[(tuple(W.shape), spec)].append((u, W, H))
     for (_, spec), items in batches.items():
@@ -104,7 +99,7 @@ def _quantize_phase(
         Hs = torch.stack([h for _, _, h in items])  # [B, K, K]
         q, stats = gptq_quantize(
             Ws, Hs, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
-            scale_dtype=_scale_dtype(opts["dtype"]), damp=opts["damp"], blocksize=opts["blocksize"],
+            scale_dtype=scale_dtype_for(opts["dtype"]), damp=opts["damp"], blocksize=opts["blocksize"],
             act_order=opts["act_order"],
         )
         for i, (u, _, _) in enumerate(items):

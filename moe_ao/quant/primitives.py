@@ -136,6 +136,11 @@ def dequantize_codes(
     return ((q - z) * scale.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
+def scale_dtype_for(stored: torch.dtype) -> torch.dtype:
+    """Scales are stored in the model's 16-bit dtype; float32/64 models get float32 scales."""
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def check_finite(W: torch.Tensor, name: str) -> None:
     """Raises ValueError naming the unit when W holds NaN or Inf."""
     if not torch.isfinite(W).all():
