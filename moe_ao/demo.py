@@ -34,7 +34,7 @@ class DemoConfig:
 
     model: str = "tiny-mixtral"
     method: str = "gptq"
-    strategy: str = "knapsack"
+    strategy: str = "combination"
     budget: float = 2.5
     group_size: int = 32
     calibration: str = "wikitext2-valid"
