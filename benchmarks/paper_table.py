@@ -14,6 +14,13 @@ the calibration/evaluation setup. A rerun skips them.
 
 Writes ``<out>_<model>.md/.json/.png`` (table, raw numbers, true bits vs KL with the
 Pareto front) and ``findings.md`` in the same folder.
+
+Defaults sized for a shared 2-core CPU (~11 min per embedded model with GPTQ): 64
+calibration windows of 256 tokens (half the other benchmarks' 128; GPTQ time is mostly
+the layer-wise forwards, so it halves too) and one torch thread (OpenMP spin-waits made
+two threads ~10x slower on a loaded machine). lm-eval is off by default: each cell
+costs ~45 s more for 300 documents, and the bf16 embedded models score below chance on
+the shipped task (tiny-mixtral acc 0.153), so it separates nothing here.
 """
 
 from __future__ import annotations
@@ -98,7 +105,14 @@ class Facts:
 
 
 def grid(facts: Facts, units: list[moe_ao.Unit], seeds: list[int], budgets: list[float]) -> list[Cell]:
-    """The paper's grid, scaled to the model (see the module docstring and README of the findings)."""
+    """The paper's grid, its per-block counts scaled to this model by the paper's ratios.
+
+    Frequency raises the top n_experts/4 per block (Mixtral: top-2 of 8); block rules take
+    1/8 and 1/4 of the MoE blocks (the paper's k = 4 and 8 of 32). first-k / last-k get k
+    plus the dense layers before / after the MoE blocks: the planner walks those too, and
+    they sit at 4 bits already in the experts-low base, so without the offset first-k
+    would raise fewer MoE blocks than last-k. Random controls run once per seed.
+    """
     M = len(facts.moe_layers)
     kf = max(1, round(facts.n_experts / 4))  # top-2 of 8 (paper); the same 1/4 share of 16 experts is top-4
     k_small, k_large = max(1, round(M / 8)), max(1, round(M / 4))  # the paper's k = 4 and 8 of 32 blocks
@@ -190,7 +204,6 @@ class ModelRun:
     """A float model with its calibration, held-out windows and lazily computed reference/profile."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
-        self.name = name
         self.args = args
         self.path = models.path(name) if name in models.available() else Path(name)
         self.tag = self.path.name if name not in models.available() else name
@@ -318,7 +331,7 @@ def table_md(run: ModelRun, table: list[dict[str, Any]], args: argparse.Namespac
              f"Calibration: {args.n_calib} × {args.seq_len} tokens of {args.calibration}; evaluation:"
              f" {run.windows.shape[0]} × {args.seq_len} tokens of WikiText-2 test (held out); group size {GROUP_SIZE},"
              f" symmetric. Random controls: mean ± std (n-1) over seeds {args.seeds}.",
-             f"bf16 reference: ppl {_ppl_ref(table):.2f}" + (f", lm-eval acc {run.ref_lm_acc:.3f}" if lm else ""), "",
+             f"bf16 reference: ppl {next((e['ref_ppl'] for e in table if 'ref_ppl' in e), float('nan')):.2f}" + (f", lm-eval acc {run.ref_lm_acc:.3f}" if lm else ""), "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for e in table:
         if "error" in e:
@@ -328,10 +341,6 @@ def table_md(run: ModelRun, table: list[dict[str, Any]], args: argparse.Namespac
                  _fmt(e, "kl", 3, 1e3), _fmt(e, "top1", 3), _fmt(e, "ppl", 2)] + ([_fmt(e, "lm_acc", 3)] if lm else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _ppl_ref(table: list[dict[str, Any]]) -> float:
-    return next((e.get("ref_ppl", float("nan")) for e in table if "ref_ppl" in e), float("nan"))
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -368,10 +377,8 @@ def plot(table: list[dict[str, Any]], title: str, path: Path) -> None:
             label="Pareto front")
     for e in front:
         ax.annotate(e["id"], (e["true_bits"], e["kl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_yscale("log")
-    ax.set_xlabel("true average bits (scales and router included)")
-    ax.set_ylabel("KL(bf16 || quantized) per token, held-out WikiText-2")
-    ax.set_title(title)
+    ax.set(yscale="log", xlabel="true average bits (scales and router included)", title=title,
+           ylabel="KL(bf16 || quantized) per token, held-out WikiText-2")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -502,7 +509,11 @@ def findings_md(tables: dict[str, list[dict[str, Any]]], args: argparse.Namespac
              " and true bits ≤ its true bits (heuristics fitted to the budget with `budget_bits`; infeasible"
              " ones skipped). **Reproduces**: *yes* if every comparison of the finding wins on that model,"
              " *partly* if some do, *no* if none, *n/a* if the model lacks the parts (e.g. shared experts).", ""]
-    for i, f in enumerate(finding_rows(tables), 1):
+    rows = finding_rows(tables)
+    lines += ["| finding | " + " | ".join(tables) + " |", "|---|" + "---|" * len(tables)]
+    lines += [f"| {i}. {f['title']} | " + " | ".join(m["verdict"] for m in f["models"].values()) + " |"
+              for i, f in enumerate(rows, 1)] + [""]
+    for i, f in enumerate(rows, 1):
         lines += [f"## {i}. {f['title']}", "", f"Paper: {f['paper']}", "",
                   "| model | ours: heuristic vs control | outcome | reproduces |", "|---|---|---|---|"]
         for model, m in f["models"].items():
