@@ -99,7 +99,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "fallbacks": len(quantization_report(model).extra.get("fallbacks", {})),
     }
     _write_report(Path(out_dir), result, before, after)
+    _write_heatmap(Path(out_dir), plan, reloaded)
     return result
+
+
+def _write_heatmap(out_dir: Path, plan: Plan, model: torch.nn.Module) -> None:
+    """The plan as a layer x expert PNG; skipped with a log line when matplotlib is absent."""
+    from moe_ao.planner import heatmap
+
+    try:
+        heatmap(plan, model, str(out_dir / "plan_heatmap.png"))
+    except ImportError as e:
+        logger.warning("no plan heatmap: %s", e)
 
 
 def _write_report(out_dir: Path, r: dict[str, Any], before, after) -> None:
@@ -116,4 +127,5 @@ def _write_report(out_dir: Path, r: dict[str, Any], before, after) -> None:
         "## Memory before", "", str(before), "", "## Memory after", "", str(after), "",
         "## Samples", "", f"before: {r['sample_before']!r}", "", f"after: {r['sample_after']!r}", "",
     ]
+    lines += ["## Plan", "", "![bits per layer and expert](plan_heatmap.png)", ""]
     (out_dir / "demo_report.md").write_text("\n".join(lines))
