@@ -129,10 +129,11 @@ DATA_STRATEGIES = ("frequency", "frequency-global", "layerisp", "block-predictor
 def _cmd_plan(args: argparse.Namespace) -> None:
     from moe_ao import models
     from moe_ao.calibration import load_calibration
-    from moe_ao.planner import heatmap, parse_params, plan, summarize
+    from moe_ao.planner import get_strategy, heatmap, parse_params, plan, summarize
     from moe_ao.profile_stats import Profile
     from moe_ao.profiling import profile
 
+    get_strategy(args.strategy)  # fail on a typo before loading anything
     model, tok = models.load(args.model)
     stats = None
     if args.profile:

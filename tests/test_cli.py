@@ -1,0 +1,45 @@
+"""The moe-ao command line (moe_ao.cli) on the embedded models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ao
+from moe_ao.cli import main
+
+
+def test_user_mistakes_are_one_line_errors(capsys, tmp_path):
+    rc = main(["plan", "--model", "tiny-mixtral", "--strategy", "nope", "-o", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "nope" in err and "\n" not in err  # no model loaded
+    assert main(["units", "--model", "no-such-model"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "tiny-mixtral" in last  # lists the available names
+
+
+def test_plan_then_quantize_round_trip(tmp_path, capsys):
+    plan_file, out = tmp_path / "plan.json", tmp_path / "q"
+    assert main(["plan", "--model", "tiny-mixtral", "--strategy", "first-k", "--budget", "2.5",
+                 "--group-size", "32", "-o", str(plan_file), "--heatmap", str(tmp_path / "h.png")]) == 0
+    plan = moe_ao.Plan.from_json(str(plan_file))
+    model, _ = moe_ao.models.load("tiny-mixtral")
+    assert plan.avg_bits(model) == pytest.approx(2.5, abs=0.05)
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert main(["quantize", "--model", "tiny-mixtral", "--plan", str(plan_file), "--method", "rtn",
+                 "-o", str(out)]) == 0
+    q = moe_ao.load_quantized(out)
+    assert moe_ao.quantized_plan(q) == plan
+    ids = torch.tensor([[1, 2, 3, 4]])
+    ref = moe_ao.quantize_(model, plan)
+    assert torch.equal(q(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--method", "rtn", "--n-samples", "4", "--seq-len", "64", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "reload bit-exact: True" in text and "held-out KL" in text
+    assert (out / "demo_report.md").is_file() and (out / "plan_heatmap.png").is_file()
+    assert (out / "plan.json").is_file() and (out / "model.safetensors").is_file()
