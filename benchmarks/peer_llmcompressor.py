@@ -4,8 +4,9 @@ Plan on both sides: routed experts at 3 bits, int, symmetric, group 32; everythi
 (attention, routers, shared experts, dense MLPs, embeddings, lm_head) stays bf16.
 
 * moe_ao runs in this environment, on the fused 3-D expert tensors: ``method="rtn"`` and
-  ``method="gptq"`` with default options, plus ``act_order=True`` (static groups), which
-  is what llm-compressor's default ``actorder="static"`` does.
+  ``method="gptq"`` with default options, plus GPTQ with the other ``act_order`` setting
+  (act-order with static groups is what llm-compressor's default ``actorder="static"``
+  does; the rows say which one is moe_ao's default).
 * llm-compressor runs in its own virtualenv (it pins another transformers), in a
   subprocess that re-runs this file with ``--child``: it loads the same bf16 checkpoint
   under ``llmcompressor.utils.load_context`` (experts linearized into ``nn.Linear``s),
@@ -35,6 +36,7 @@ in the repo; keep it out of git) with ``pip install torch==2.13.0 llmcompressor`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -54,8 +56,25 @@ BITS, GROUP_SIZE = 3, 32
 # llm-compressor module-name regex for routed expert Linears after linearization:
 # model.layers.N.mlp.experts.E.{gate,up,down}_proj (not shared_expert, not the router).
 EXPERT_REGEX = r"re:.*\.experts\.\d+\.(gate|up|down)_proj$"
-MOE_AO_METHODS = (("moe_ao RTN", "rtn", {}), ("moe_ao GPTQ", "gptq", {}),
-                  ("moe_ao GPTQ act_order", "gptq", {"act_order": True}))
+
+
+def moe_ao_methods(alt_act_order: bool) -> list[tuple[str, str, dict]]:
+    """(label, method, options): RTN, GPTQ with defaults, GPTQ with the non-default act_order."""
+    import inspect
+
+    from moe_ao.quant import gptq_driver
+
+    # The default lives on the driver's entry point (whatever it is called): read it, don't assume it.
+    defaults = {inspect.signature(f).parameters["act_order"].default for f in vars(gptq_driver).values()
+                if inspect.isfunction(f) and f.__module__ == gptq_driver.__name__
+                and "act_order" in inspect.signature(f).parameters}
+    if len(defaults) != 1 or not isinstance(next(iter(defaults)), bool):
+        raise RuntimeError(f"cannot tell moe_ao GPTQ's default act_order (found {defaults})")
+    default = defaults.pop()
+    out = [("moe_ao RTN", "rtn", {}), (f"moe_ao GPTQ (default: act_order={default})", "gptq", {})]
+    if alt_act_order:
+        out.append((f"moe_ao GPTQ act_order={not default}", "gptq", {"act_order": not default}))
+    return out
 
 
 def cpu_line() -> str:
@@ -230,6 +249,18 @@ def child_variant(spec: dict, var: dict) -> dict:
 # ------------------------------------------------------------------------ parent (main)
 
 
+def git_state() -> str:
+    """HEAD, plus whether moe_ao/ differs from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "moe_ao"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes in moe_ao/" if dirty else "")
+
+
 def ensure_venv(venv: Path, requirements: list[str]) -> Path:
     py = venv / "bin" / "python"
     if not py.exists():
@@ -241,8 +272,6 @@ def ensure_venv(venv: Path, requirements: list[str]) -> Path:
 
 
 def run_moe_ao(model, calib, windows, ref_lp, method: str, **kwargs) -> dict:
-    import copy
-
     import moe_ao
 
     m = copy.deepcopy(model)
@@ -252,14 +281,33 @@ def run_moe_ao(model, calib, windows, ref_lp, method: str, **kwargs) -> dict:
     with Timer() as t:
         moe_ao.quantize_(m, plan, method=method, **kwargs)
     fallbacks = len(moe_ao.quantization_report(m).extra.get("fallbacks", {}))
-    return {**t.as_dict(), "fallbacks": fallbacks, **_metrics(_logprobs(m, windows), ref_lp, windows)}
+    out = {**t.as_dict(), "fallbacks": fallbacks, **_metrics(_logprobs(m, windows), ref_lp, windows)}
+    # The same weights through the plain bf16 forward (as the llm-compressor rows are scored), so that
+    # any difference of moe_ao's packed-weight kernels from that forward shows apart from the weights.
+    plain = _dequantized_copy(model, m)
+    out["plain_fwd_kl"] = None if plain is None else _metrics(_logprobs(plain, windows), ref_lp, windows)["kl"]
+    return out
+
+
+def _dequantized_copy(model, quantized):
+    """The float ``model`` with every packed parameter of ``quantized`` dequantized into it (None if none)."""
+    import torch
+
+    from moe_ao.tensors.packed import PackedWeight
+
+    plain, n = copy.deepcopy(model), 0
+    with torch.no_grad():
+        for name, p in quantized.named_parameters():
+            if isinstance(p, PackedWeight):
+                dst = plain.get_parameter(name)
+                dst.copy_(p.dequantize(dst.dtype))
+                n += 1
+    return plain if n else None
 
 
 def main_env_quality(model, weights_path: str, windows, ref_lp) -> dict:
     """Writes llm-compressor's quantized expert weights into a copy of the main-env float model
     (the fused expert tensors, via moe_ao's unit views) and scores it like the moe_ao rows."""
-    import copy
-
     import torch
 
     import moe_ao
@@ -280,7 +328,8 @@ def main_env_quality(model, weights_path: str, windows, ref_lp) -> dict:
             W.copy_(q)
     if weights:
         raise RuntimeError(f"llm-compressor weights with no moe_ao expert unit: {sorted(weights)[:5]}")
-    return {**_metrics(_logprobs(m, windows), ref_lp, windows), "units_changed_in_main_env": changed}
+    q = _metrics(_logprobs(m, windows), ref_lp, windows)
+    return {**q, "plain_fwd_kl": q["kl"], "units_changed_in_main_env": changed}
 
 
 def llmc_variants(args) -> list[dict]:
@@ -326,13 +375,15 @@ def bench_model(name: str, args, py: Path) -> dict:
     expert_units = [u.name for u in moe_ao.units(model) if u.kind == "expert"]
 
     # The copied metric formula must agree with moe_ao's own compare().
-    m = __import__("copy").deepcopy(model)
+    m = copy.deepcopy(model)
     moe_ao.quantize_(m, moe_ao.Plan({u: BITS for u in expert_units}, group_size=GROUP_SIZE), method="rtn")
     own, mine = compare(ref_lp, m, windows).kl, _metrics(_logprobs(m, windows), ref_lp, windows)["kl"]
     assert abs(own - mine) <= 1e-6 * max(1.0, own), (own, mine)
+    # Yardstick for the KL magnitudes: the same bf16 weights run in float32 vs the bf16 reference.
+    fp32_floor = compare(ref_lp, copy.deepcopy(model).float(), windows).as_dict()
     del m
 
-    methods = [x for x in MOE_AO_METHODS if args.act_order or "act_order" not in x[0]]
+    methods = moe_ao_methods(args.alt_act_order)
     variants = llmc_variants(args)
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in methods}
     runs |= {variant_label(v): [] for v in variants}
@@ -374,7 +425,7 @@ def bench_model(name: str, args, py: Path) -> dict:
                 ours(), theirs(rep)
             else:
                 theirs(rep), ours()
-    return {"model": name, "checkpoint": str(ckpt), "expert_units": len(expert_units),
+    return {"model": name, "checkpoint": str(ckpt), "expert_units": len(expert_units), "fp32_floor": fp32_floor,
             "calibration": list(calib.shape), "eval_windows": list(windows.shape),
             "rows": {label: aggregate(r) for label, r in runs.items()}, **extra}
 
@@ -382,9 +433,9 @@ def bench_model(name: str, args, py: Path) -> dict:
 def verdicts(result: dict) -> list[str]:
     rows = result["rows"]
     out = []
-    for ours in ("moe_ao GPTQ", "moe_ao GPTQ act_order"):
+    for ours in (label for label in rows if label.startswith("moe_ao GPTQ")):
         for label, llmc in rows.items():
-            if ours not in rows or not label.startswith("llm-compressor"):
+            if not label.startswith("llm-compressor"):
                 continue
             x = rows[ours]
             kl = "match/beat" if x["kl"] <= llmc["kl"] else "WORSE"
@@ -412,17 +463,19 @@ def report(results: list[dict], args, machine: str, main_v: dict, cmd: str) -> s
         " reference): llm-compressor's quantized expert weights are copied into the fused expert tensors of"
         " the main-env bf16 model. 'KL llmc env' is the same llm-compressor model scored in its own env"
         " (linearized experts, transformers 5.17), whose bf16 forward differs from the reference by itself"
-        " (floor given below), so it is not comparable with the moe_ao rows.",
+        " (floor given below), so it is not comparable with the moe_ao rows. 'KL plain bf16 fwd': the"
+        " moe_ao rows' packed weights dequantized into the plain bf16 model, i.e. scored exactly like the"
+        " llm-compressor rows (isolates moe_ao's kernels from its weights).",
         f"llm-compressor: `GPTQModifier` targets `{EXPERT_REGEX}` (ignore lm_head), actorder"
         f" {args.llmc_actorder} (its default: static), dampening 0.01, block 128, min-max scale observer;"
         f" `oneshot(..., shuffle_calibration_samples=False, pipeline={args.llmc_pipeline!r})`, batch size and"
         " `moe_calibrate_all_experts` as labelled (its defaults: bs 1, all experts: every expert sees every"
-        " token for its Hessian, outputs still routed). moe_ao GPTQ: damp 0.01, block 128, act_order False"
-        " unless labelled, routed tokens only (rare experts fall back to the layer's pooled Hessian, counted"
+        " token for its Hessian, outputs still routed). moe_ao GPTQ: damp 0.01, block 128, act_order as"
+        " labelled, routed tokens only (rare experts fall back to the layer's pooled Hessian, counted"
         " under fallbacks), sequential over layers on quantized outputs, forward batch 8.", "",
         "| model | method | KL to bf16 | vs moe_ao RTN | top-1 | ppl (bf16) | wall s | CPU s | fallbacks |"
-        " KL llmc env |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " KL plain bf16 fwd | KL llmc env |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rtn = r["rows"]["moe_ao RTN"]["kl"]
@@ -430,12 +483,17 @@ def report(results: list[dict], args, machine: str, main_v: dict, cmd: str) -> s
             fb = x.get("fallbacks", "-")
             lines.append(f"| {r['model']} | {label} | {x['kl']:.4g} | {x['kl'] / rtn:.2f}x | {x['top1']:.4f} |"
                          f" {x['ppl']:.2f} ({x['ref_ppl']:.2f}) | {x['seconds']:.1f} | {x['cpu_s']:.1f} | {fb} |"
+                         + (" - |" if x.get("plain_fwd_kl") is None else f" {x['plain_fwd_kl']:.4g} |")
                          + (f" {x['llmc_env']['kl']:.4g} |" if "llmc_env" in x else " - |"))
     lines += ["", "Comparisons and checks:", ""]
     for r in results:
         ckpt = Path(r["checkpoint"])
         lines.append(f"- {r['model']} (`{ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt}`):")
         lines += [f"  - {v}" for v in verdicts(r)]
+        best = min(x["kl"] for label, x in r["rows"].items() if "GPTQ" in label)
+        lines.append(f"  - Yardstick: the unquantized bf16 weights run in float32 vs the bf16 reference: KL"
+                     f" {r['fp32_floor']['kl']:.3g} ({r['fp32_floor']['kl'] / best:.2f}x the lowest GPTQ KL above),"
+                     f" top-1 {r['fp32_floor']['top1']:.4f}.")
         fl = r.get("llmc_float_linearized")
         lines.append("  - llm-compressor env floor: its linearized bf16 model before oneshot vs the reference:"
                      + (f" KL {fl['kl']:.2e}, top-1 {fl['top1']:.4f}" if fl else " n/a")
@@ -471,8 +529,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per method (median reported)")
-    ap.add_argument("--no-act-order", dest="act_order", action="store_false",
-                    help="skip the extra moe_ao GPTQ act_order=True row")
+    ap.add_argument("--no-alt-act-order", dest="alt_act_order", action="store_false",
+                    help="skip the extra moe_ao GPTQ row with the non-default act_order")
     ap.add_argument("--llmc-batch-size", type=int, nargs="+", default=[1, 8],
                     help="oneshot batch sizes, one llm-compressor run each (its default 1; moe_ao forwards 8)")
     ap.add_argument("--llmc-routed-only", action="store_true",
@@ -497,8 +555,9 @@ def main() -> None:
     machine = cpu_line()
     py = ensure_venv(args.venv, args.requirements)
     results = [bench_model(m, args, py) for m in args.models]
-    main_v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-              "moe_ao": moe_ao.__version__, "torch_threads": torch.get_num_threads()}
+    main_v = {"git": git_state(), "python": platform.python_version(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "moe_ao": moe_ao.__version__,
+              "torch_threads": torch.get_num_threads()}
     cmd = "python benchmarks/peer_llmcompressor.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     text = report(results, args, machine, main_v, cmd)
     Path(args.out + ".md").write_text(text)
