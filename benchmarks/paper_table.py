@@ -57,23 +57,14 @@ GROUP_SIZE = 32  # divides every in_features of the embedded models
 NEEDS_STATS = {"frequency", "frequency-global", "layerisp", "combination", "knapsack"}
 EXPERIMENTS = ("uniform", "base", "attention", "shared", "frequency", "blocks", "linear-type", "outlier",
                "layerisp", "combination", "optimizer")
-METRICS = ("kl", "top1", "ppl", "lm_acc")
 
 
 @dataclass
 class Cell:
-    """One grid row: a strategy with its parameters (a random control runs once per seed).
+    """One grid row: ``plan(model, strategy, budget, seed=seed, base=base, **params)``.
 
-    Attributes:
-        id: stable short name the findings refer to (e.g. ``attn4-rand``).
-        experiment: the paper experiment it belongs to (one of EXPERIMENTS).
-        label: table text.
-        strategy: planner strategy name.
-        params: the strategy's parameters.
-        budget: paper-accounting average bits to fit, or None.
-        base: planner base override, or None for the strategy's own.
-        seed: planner seed (random controls: one of ``--seeds``).
-        random: True for random controls.
+    ``id`` is the stable short name the findings refer to (e.g. ``attn4-rand``), ``experiment``
+    one of EXPERIMENTS; a random control (``random``) is one Cell per seed of ``--seeds``.
     """
 
     id: str
@@ -159,32 +150,30 @@ def grid(facts: Facts, units: list[moe_ao.Unit], seeds: list[int], budgets: list
                            ("layerisp", "layerisp", {}), ("combination", "combination", combo)]
     for B in budgets:
         add(f"knapsack@{B}", "optimizer", f"knapsack optimizer @ {B}", "knapsack", budget=B)
+        add(f"knapsack-experts@{B}", "optimizer", f"  knapsack over experts only (rest at base) @ {B}", "knapsack",
+            {"kinds": ["expert"]}, budget=B)  # not a rival in the findings: isolates the attention choice
         for id_, strategy, params in heuristic_at_budget:
             add(f"{id_}@{B}", "optimizer", f"  {strategy} @ {B}", strategy, params, budget=B)
     return cells
 
 
 def file_hash(path: Path) -> str:
-    """sha256 over a checkpoint's files (relative names and contents), or one file."""
+    """sha256 over a checkpoint folder's files (relative names and contents)."""
     h = hashlib.sha256()
-    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        h.update(f.read_bytes())
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
     return h.hexdigest()
 
 
-def _sha(obj: Any) -> str:
+def _sha(obj: Any) -> str:  # of a string, or of a JSON-able object in canonical form
     return hashlib.sha256((obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True)).encode()).hexdigest()
 
 
 @contextmanager
 def memoized_block_scores():
-    """Trains each block predictor once per (profile, layers, config, seed).
-
-    ``layerisp`` and ``combination`` (and their budgeted variants) all retrain the same
-    predictors inside ``plan()``, ~40 s each on one core. The scores are a pure function
-    of those inputs, so this wraps the planner's reference for the duration of a run.
-    """
+    """Trains each block predictor once per (profile, layers, config, seed): ``layerisp`` and
+    ``combination`` (and their budgeted variants) retrain the same ones inside ``plan()``,
+    ~40 s each on one core. The scores are a pure function of those inputs."""
     original, memo = heuristics.block_scores, {}
 
     def cached(stats, layers=None, config=None, seed=0):
@@ -230,10 +219,6 @@ class ModelRun:
                     time.perf_counter() - t)
         return out
 
-    @cached_property
-    def ref_lm_acc(self) -> float | None:
-        return self.lm_acc(self.model) if self.args.lm_eval_limit else None
-
     def plan(self, cell: Cell) -> moe_ao.Plan:
         stats = self.stats if cell.strategy in NEEDS_STATS else None
         return plan(self.model, cell.strategy, cell.budget, stats, cell.seed, group_size=GROUP_SIZE,
@@ -261,8 +246,8 @@ class ModelRun:
 
 def _plan_summary(p: moe_ao.Plan) -> dict[str, Any]:
     d = p.meta.get("details", {})
-    keep = ("k", "blocks", "ranking", "experts", "selected_by_proj", "raised_units", "feasible_range", "matched_avg_bits",
-            "objective", "sensitivity", "method", "proj")
+    keep = ("k", "blocks", "ranking", "experts", "selected_by_proj", "raised_units", "feasible_range",
+            "matched_avg_bits", "objective", "sensitivity", "method", "proj")
     return {k: d[k] for k in keep if k in d}
 
 
@@ -303,7 +288,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "error" in first:
             out.append(entry | {"error": first["error"]})
             continue
-        for k in ("avg_bits", "true_bits", "ref_ppl", *METRICS):
+        for k in ("avg_bits", "true_bits", "ref_ppl", "kl", "top1", "ppl", "lm_acc", "quantize_s"):
             vals = [r[k] for r in rs if r.get(k) is not None]
             if vals:
                 entry[k] = statistics.fmean(vals)
@@ -321,24 +306,29 @@ def _fmt(e: dict[str, Any], k: str, digits: int, scale: float = 1.0) -> str:
 
 
 def table_md(run: ModelRun, table: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The paper-shaped table: strategy, paper and true average bits, KL, top-1, ppl [, lm-eval acc]."""
     lm = args.lm_eval_limit > 0
     head = ["experiment", "strategy", "avg bits (paper)", "true bits", "KL ×10³ ↓", "top-1 ↑", "ppl ↓"]
     head += ["lm-eval acc ↑"] if lm else []
-    lines = [f"# QuantMoE-Bench grid on `{run.tag}` ({args.method.upper()})", "",
-             f"Machine: {machine()}", "",
-             f"Model: {run.path} (sha256 {run.model_hash[:16]}), {len(run.facts.moe_layers)} MoE blocks of"
-             f" {run.facts.n_experts} experts{', shared expert' if run.facts.has_shared else ''}.",
-             f"Calibration: {args.n_calib} × {args.seq_len} tokens of {args.calibration}; evaluation:"
-             f" {run.windows.shape[0]} × {args.seq_len} tokens of WikiText-2 test (held out); group size {GROUP_SIZE},"
-             f" symmetric. Random controls: mean ± std (n-1) over seeds {args.seeds}.",
-             f"bf16 reference: ppl {next((e['ref_ppl'] for e in table if 'ref_ppl' in e), float('nan')):.2f}" + (f", lm-eval acc {run.ref_lm_acc:.3f}" if lm else ""), "",
+    f = run.facts
+    secs = statistics.median([e["quantize_s"] for e in table if "quantize_s" in e] or [0])
+    ref_ppl = next((e["ref_ppl"] for e in table if "ref_ppl" in e), float("nan"))
+    lines = [f"# QuantMoE-Bench grid on `{run.tag}` ({args.method.upper()})", "", f"Machine: {machine()}", "",
+             f"Model: {run.path} (sha256 {run.model_hash[:16]}), {len(f.moe_layers)} MoE blocks of {f.n_experts}"
+             f" experts{', shared expert' if f.has_shared else ''}. Calibration: {args.n_calib} × {args.seq_len}"
+             f" tokens of {args.calibration}; evaluation: {run.windows.shape[0]} × {args.seq_len} tokens of"
+             f" WikiText-2 test (held out). Group size {GROUP_SIZE}, symmetric. Random controls (↳ rows): mean ±"
+             f" std (n-1) over seeds {args.seeds}. {args.method.upper()} time per cell: median {secs:.1f} s"
+             f" ({torch.get_num_threads()} thread(s)). bf16 reference: ppl {ref_ppl:.2f}"
+             + (f", lm-eval acc {run.lm_acc(run.model):.3f}." if lm else "."), "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for e in table:
+        label = e["label"].replace("  ", "↳ ", 1)
         if "error" in e:
-            lines.append(f"| {e['experiment']} | {e['label'].strip()} | infeasible: {e['error'].split(':', 1)[-1].strip()} |")
+            lines.append(f"| {e['experiment']} | {label} | infeasible: {e['error'].split(':', 1)[-1].strip()} |")
             continue
-        cells = [e["experiment"], e["label"].replace("  ", "↳ ", 1), f"{e['avg_bits']:.3f}", f"{e['true_bits']:.3f}",
-                 _fmt(e, "kl", 3, 1e3), _fmt(e, "top1", 3), _fmt(e, "ppl", 2)] + ([_fmt(e, "lm_acc", 3)] if lm else [])
+        cells = [e["experiment"], label, f"{e['avg_bits']:.3f}", f"{e['true_bits']:.3f}", _fmt(e, "kl", 3, 1e3),
+                 _fmt(e, "top1", 3), _fmt(e, "ppl", 2)] + ([_fmt(e, "lm_acc", 3)] if lm else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -355,24 +345,25 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(table: list[dict[str, Any]], title: str, path: Path) -> None:
-    """True bits vs KL, one colour per experiment, random controls with ±std bars, Pareto front."""
+    """True bits vs KL, one colour per experiment; random controls hollow with ±std bars and
+    left off the Pareto front (they are controls, not strategies one would pick)."""
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("the plot needs matplotlib: pip install 'moe_ao[plot]'") from e
     pts = [e for e in table if "kl" in e]
-    if not pts:
-        return
     fig, ax = plt.subplots(figsize=(9, 6))
-    colors = {x: plt.cm.tab20(i / len(EXPERIMENTS)) for i, x in enumerate(EXPERIMENTS)}
-    for exp in dict.fromkeys(e["experiment"] for e in pts):
-        es = [e for e in pts if e["experiment"] == exp]
-        ax.errorbar([e["true_bits"] for e in es], [e["kl"] for e in es], yerr=[e.get("kl_std", 0) for e in es],
-                    fmt="o", color=colors.get(exp), label=exp, capsize=3, ms=5, alpha=0.85)
-    front = [pts[i] for i in pareto([(e["true_bits"], e["kl"]) for e in pts])]
+    for i, exp in enumerate(EXPERIMENTS):
+        for rand in (False, True):
+            es = [e for e in pts if e["experiment"] == exp and e["random"] == rand]
+            if es:
+                ax.errorbar([e["true_bits"] for e in es], [e["kl"] for e in es], [e["kl_std"] for e in es], fmt="o",
+                            color=plt.cm.tab20(i / len(EXPERIMENTS)), mfc="none" if rand else None, capsize=3,
+                            label=exp + (" (random)" if rand else ""), ms=5, alpha=0.85)
+    picks = [e for e in pts if not e["random"]]
+    front = [picks[i] for i in pareto([(e["true_bits"], e["kl"]) for e in picks])]
     ax.step([e["true_bits"] for e in front], [e["kl"] for e in front], where="post", color="k", lw=1,
             label="Pareto front")
     for e in front:
@@ -405,6 +396,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
     ap.add_argument("--dry-run", action="store_true", help="plan every cell and print bits; quantize nothing")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.model = args.model or ["tiny-mixtral", "tiny-qwen2-moe"]
     return args
 
@@ -493,15 +485,12 @@ def finding_rows(tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
     return out
 
 
-def _show(e: dict[str, Any]) -> str:
-    return f"`{e['id']}` {_fmt(e, 'kl', 3, 1e3)} ({e['true_bits']:.2f} b)"
-
-
 def findings_md(tables: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     lines = ["# QuantMoE-Bench headline findings on the embedded models", "",
              "The paper's numbers are average zero-shot accuracy (%) on Mixtral-8x7B / DeepSeek-MoE-16B"
-             " (higher is better). Ours are 10³ × KL(bf16 ‖ quantized) per token on held-out WikiText-2 test (lower is"
-             f" better), {args.method.upper()}, true average bits in brackets. Table: `paper_table_<model>.md`.", "",
+             " (higher is better). Ours are 10³ × KL(bf16 ‖ quantized) per token on held-out WikiText-2 test"
+             f" (lower is better), {args.method.upper()}, true average bits in brackets (tables:"
+             " `paper_table_<model>.md`).", "",
              "**Rules.** Against a random control (mean ± sample std over seeds"
              f" {args.seeds}): *win* if the heuristic's KL < mean − std, *loss* if > mean + std, else *tie*."
              f" Direct pairs (deterministic): *win* if KL is lower by more than {TIE_BAND:.0%}, *loss* if higher by"
@@ -520,14 +509,20 @@ def findings_md(tables: dict[str, list[dict[str, Any]]], args: argparse.Namespac
             if not m["comparisons"]:
                 lines.append(f"| {model} | — | — | n/a |")
             for j, (a, b, outcome) in enumerate(m["comparisons"]):
-                lines.append(f"| {model if j == 0 else ''} | {_show(a)} vs {_show(b)} | {outcome} |"
+                a_text, b_text = (f"`{e['id']}` {_fmt(e, 'kl', 3, 1e3)} ({e['true_bits']:.2f} b)" for e in (a, b))
+                lines.append(f"| {model if j == 0 else ''} | {a_text} vs {b_text} | {outcome} |"
                              f" {'**' + m['verdict'] + '**' if j == 0 else ''} |")
-        lines += [_plan_note(f["title"], tables), ""]
+        lines += ["", _plan_note(f["title"], tables), ""]
     return "\n".join(lines)
 
 
 def _plan_note(title: str, tables: dict[str, list[dict[str, Any]]]) -> str:
     """What the data-driven rules picked on each model (the paper reports the same facts)."""
+    if title.startswith("Optimizer"):
+        picks = [f"{m} {e['id'][16:]}: {_fmt(e, 'kl', 3, 1e3)}" for m, rows in tables.items() for e in rows
+                 if e["id"].startswith("knapsack-experts@") and "kl" in e]
+        return ("Ours, the knapsack over routed experts only (attention, shared, dense kept at 4 bits), 10³ × KL: "
+                + "; ".join(picks) + ".") if picks else ""
     what = {"Outlier": ("outlier", "selected_by_proj"), "Block predictor": ("layerisp", "ranking")}
     for prefix, (id_, key) in what.items():
         if title.startswith(prefix):
@@ -537,16 +532,13 @@ def _plan_note(title: str, tables: dict[str, list[dict[str, Any]]]) -> str:
     return ""
 
 
-def selected(cell: Cell, wanted: list[str] | None) -> bool:
-    """An experiment name selects its rows; another name selects the rows using that strategy."""
-    return wanted is None or cell.experiment in wanted or (cell.strategy in wanted and cell.strategy not in EXPERIMENTS)
-
-
 def run_model(name: str, args: argparse.Namespace, cache_dir: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """All selected cells of one model; writes its markdown, JSON and PNG; returns (table, counts)."""
     t0 = time.perf_counter()
     run = ModelRun(name, args)
-    cells = [c for c in grid(run.facts, run.units, args.seeds, args.budgets) if selected(c, args.strategies)]
+    want = args.strategies  # an experiment name selects its rows; another name, the rows using that strategy
+    cells = [c for c in grid(run.facts, run.units, args.seeds, args.budgets) if want is None
+             or c.experiment in want or (c.strategy in want and c.strategy not in EXPERIMENTS)]
     rows, counts = [], {"cells": len(cells), "ran": 0, "cached": 0, "infeasible": 0}
     with memoized_block_scores():
         for i, cell in enumerate(cells, 1):
@@ -576,7 +568,7 @@ def run_model(name: str, args: argparse.Namespace, cache_dir: Path) -> tuple[lis
 
 
 def _command_line(args: argparse.Namespace) -> str:
-    return f"\nCommand: `python benchmarks/paper_table.py {' '.join(sys.argv[1:])}`\n" if sys.argv[1:] else ""
+    return f"\nCommand: `{' '.join(['python benchmarks/paper_table.py', *args.argv])}`\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
