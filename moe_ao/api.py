@@ -156,7 +156,7 @@ def quantize_(
     elif method == "gptq":
         from moe_ao.quant.gptq_driver import gptq_packed  # heavy; only when asked for
 
-        new = gptq_packed(model, plan, planned, calibration, report, **method_kwargs)
+        new = gptq_packed(model, plan, planned, all_units, calibration, report, **method_kwargs)
     else:
         raise ValueError(f"method={method!r} is not supported; allowed: ('rtn', 'gptq')")
     return apply_packed(model, plan, new, report)

@@ -115,6 +115,7 @@ def gptq_packed(
     model: nn.Module,
     plan: Plan,
     planned: list[Unit],
+    all_units: list[Unit],
     calibration: torch.Tensor | None,
     report: Any,
     *,
@@ -137,6 +138,8 @@ def gptq_packed(
         model: the float model.
         plan: the validated plan.
         planned: units to quantize (bits < 16).
+        all_units: every unit of the model (as ``moe_ao.units`` returned them; not
+            recomputed here, since discovery may run a graph capture).
         calibration: int64 [n, L] token windows (see moe_ao.calibration).
         report: QuantizationReport; per-unit errors go to ``report.quantized``, and
             tokens, fallbacks and GPTQ losses to ``report.extra``.
@@ -182,7 +185,10 @@ def gptq_packed(
     record: dict[str, Any] = {"tokens": {}, "fallbacks": {}, "loss": {}, "routing_counts": {}}
     packed: dict[str, PackedWeight] = {}
     inputs: LayerInputs = capture_inputs(model, calibration, batch_size).to(compute_dtype)
-    all_layer_units = _layer_units(model)
+    all_layer_units: dict[int, list[Unit]] = defaultdict(list)
+    for u in all_units:
+        if u.layer is not None:
+            all_layer_units[u.layer].append(u)
     for i in tqdm(range(len(layers)), desc="gptq layers", disable=not progress):
         results: dict[str, QuantizedWeight] = {}
         prefix = f"{prefix_list}.{i}"
@@ -208,13 +214,3 @@ def gptq_packed(
     if record["fallbacks"]:
         logger.warning("GPTQ fell back for %d rare units (see report.extra['fallbacks'])", len(record["fallbacks"]))
     return packed
-
-
-def _layer_units(model: nn.Module) -> dict[int, list[Unit]]:
-    from moe_ao.units import units
-
-    out: dict[int, list[Unit]] = defaultdict(list)
-    for u in units(model):
-        if u.layer is not None:
-            out[u.layer].append(u)
-    return out
