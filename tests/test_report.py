@@ -32,7 +32,11 @@ def test_float_model(arch):
     for kind, row in report.rows.items():
         mine = [u for u in units if u.kind == kind]
         assert row.units == len(mine) and row.params == sum(u.numel for u in mine)
-        assert row.bytes == 2 * row.params and row.bits_per_weight == 16 and row.quantized_units == 0
+        # Mostly bf16; transformers >= 5.24 keeps DeepSeek-V3's router weight in float32.
+        stored = sum(u.numel * model.get_parameter(u.param).element_size() for u in mine)
+        assert row.bytes == stored and row.bits_per_weight == 8 * stored / row.params and row.quantized_units == 0
+        if kind != "router":
+            assert row.bytes == 2 * row.params
     assert report.avg_bits_quantized is None
     state = {id(t): t for t in model.state_dict(keep_vars=True).values()}
     assert report.total_bytes == sum(t.numel() * t.element_size() for t in state.values())
