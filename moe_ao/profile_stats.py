@@ -28,6 +28,11 @@ class Profile:
             (what the block-importance predictor trains on).
         hessians: unit name -> float32 [K, K], mean of x xᵀ over the unit's inputs
             (experts: over routed tokens only). Optional: only when asked for.
+        sensitivities: unit name -> {bits: KL}, the measured output KL divergence of
+            quantizing that unit alone (:func:`moe_ao.planner.measure_sensitivities`).
+            Optional: the budget optimizer's best input.
+        sensitivity_setup: how ``sensitivities`` were measured (quantizer, per-unit
+            group sizes, symmetry, widths, tokens), checked against a plan's settings.
         tokens: number of calibration tokens seen.
         meta: provenance (source, n_samples, seq_len, seed).
     """
@@ -37,6 +42,8 @@ class Profile:
     block_cos: dict[int, torch.Tensor] = field(default_factory=dict)
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    sensitivities: dict[str, dict[int, float]] = field(default_factory=dict)
+    sensitivity_setup: dict[str, Any] = field(default_factory=dict)
     tokens: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 

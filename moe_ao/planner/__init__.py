@@ -6,11 +6,12 @@ optimizer) are registered by name; :func:`plan` dispatches::
     from moe_ao import planner
     p = planner.plan(model, "frequency", stats=profile, k=2)            # the rule's own k
     p = planner.plan(model, "outlier", budget_bits=2.5, group_size="auto")  # walk to a budget
-    p = planner.plan(model, "knapsack", budget_bits=2.5, stats=profile)
+    stats = planner.measure_sensitivities(model, calibration, profile, group_size=128)
+    p = planner.plan(model, "knapsack", budget_bits=2.5, stats=stats)   # measured KL
     print(planner.summarize(p, model))
 
 Modules, in dependency order: context (units, bases, group sizes), budget (ranking ->
-bits), scorers (outlier score, sensitivities), predictor (block importance MLP),
+bits), scorers (outlier score, Hessian-proxy and measured-KL sensitivities), predictor (block importance MLP),
 heuristics (the rules), combination (stacked rules), optimizer (knapsack),
 strategies (registry + :func:`plan`), builders (one function per strategy), summary.
 """
@@ -38,7 +39,7 @@ from moe_ao.planner.builders import (
 from moe_ao.planner.context import BASES, PLANNED_KINDS, Context
 from moe_ao.planner.optimizer import Solution, solve
 from moe_ao.planner.predictor import BlockScore, PredictorConfig, block_scores
-from moe_ao.planner.scorers import outlier_score, sensitivity_table
+from moe_ao.planner.scorers import measure_sensitivities, outlier_score, sensitivity_table
 from moe_ao.planner.strategies import STRATEGIES, get_strategy, parse_params, plan, strategy_help, strategy_names
 from moe_ao.planner.summary import heatmap, summarize
 
@@ -69,6 +70,7 @@ __all__ = [
     "last_k",
     "layerisp",
     "linear_type",
+    "measure_sensitivities",
     "outlier",
     "outlier_random",
     "outlier_score",

@@ -2,8 +2,11 @@
 
 - :func:`outlier_score`: the paper's linear-weight outlier score (+LinearOSP), no data.
 - :func:`token_share`: how often calibration tokens were routed to an expert.
-- :func:`sensitivity_table`: per unit and bit width, the output error a round-to-nearest
-  quantization would cause (the budget optimizer's input).
+- :func:`sensitivity_table`: per unit and bit width, the layer-output error a
+  round-to-nearest quantization would cause (the budget optimizer's scalable proxy).
+- :func:`measure_sensitivities`: per unit and bit width, the measured model-output KL
+  divergence of quantizing that unit alone (:mod:`moe_ao.sensitivity`; the budget
+  optimizer's most faithful input, at a forward pass per unit and width).
 
 Shapes: W is [out, in] = [R, K]; H is the unit's input second moment [K, K].
 """
@@ -14,10 +17,13 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
+from moe_ao.planner.context import PLANNED_KINDS, check_bits, group_sizes
 from moe_ao.profile_stats import Profile
 from moe_ao.quant.primitives import rtn_quantize
-from moe_ao.units import Unit
+from moe_ao.sensitivity import kl_sensitivities
+from moe_ao.units import Unit, as_units
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +146,60 @@ def sensitivity_table(
     if fallback:
         logger.info("sensitivity: %d of %d units have no Hessian; using ||W-Q(W)||²", fallback, len(units))
     return table, {"fallback_units": fallback, "frequency_scaled_units": scaled}
+
+
+def measure_sensitivities(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    stats: Profile | None = None,
+    *,
+    group_size: int | str = 128,
+    symmetric: bool = True,
+    bits: Sequence[int] = (2, 3, 4, 8),
+    kinds: Sequence[str] = PLANNED_KINDS,
+    quantizer: str = "gptq",
+    kl_windows: int = 16,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Profile:
+    """Measures every planned unit's KL sensitivity and stores it in a Profile.
+
+    See :func:`moe_ao.sensitivity.kl_sensitivities` for what is measured and its cost.
+    The knapsack optimizer then uses the table (``sensitivity="auto"`` or ``"kl"``)
+    for plans with the same group sizes and symmetry.
+
+    Args:
+        model: the float model (not changed).
+        calibration: int64 [n, L] windows: GPTQ's Hessians see all, the KL the first
+            ``kl_windows``.
+        stats: a Profile to add the table to (default: a new one).
+        group_size: as for :func:`moe_ao.planner.plan` (an int or ``"auto"``).
+        symmetric: quantization symmetry.
+        bits: widths to measure.
+        kinds: unit kinds to measure (routers never are).
+        quantizer: ``gptq`` or ``rtn``.
+        kl_windows: windows the KL is measured on.
+        batch_size: windows per forward.
+        progress: show a progress bar.
+
+    Returns:
+        ``stats`` (or the new Profile) with ``sensitivities`` and ``sensitivity_setup`` set.
+
+    Raises:
+        ValueError: no unit of ``kinds``, a group size not dividing some unit, bad
+            widths, or :func:`~moe_ao.sensitivity.kl_sensitivities`' own errors.
+    """
+    widths = sorted({check_bits(b) for b in bits})
+    units = [u for u in as_units(model) if u.kind in kinds and u.kind != "router"]
+    if not units:
+        raise ValueError(f"the model has no units of kinds {list(kinds)} to measure")
+    sizes = group_sizes(units, group_size)
+    table, meta = kl_sensitivities(model, calibration, units, sizes, widths, symmetric=symmetric,
+                                   quantizer=quantizer, kl_windows=kl_windows, batch_size=batch_size,
+                                   progress=progress)
+    if stats is None:
+        stats = Profile(tokens=int(calibration.numel()), meta={"n_samples": calibration.shape[0],
+                                                               "seq_len": calibration.shape[1]})
+    stats.sensitivities = table
+    stats.sensitivity_setup = meta | {"symmetric": symmetric, "bits": widths, "group_sizes": sizes}
+    return stats

@@ -64,7 +64,12 @@ def _write_back(layer: nn.Module, prefix: str, u: Unit, q: QuantizedWeight) -> N
         W.copy_(q.dequantize(W.dtype))
 
 
-def _hessian_for(obs: LayerObserver, u: Unit, min_tokens: int) -> tuple[torch.Tensor | None, str | None, int]:
+def hessian_for(obs: LayerObserver, u: Unit, min_tokens: int) -> tuple[torch.Tensor | None, str | None, int]:
+    """The unit's mean Hessian, or its rare-expert fallback (see the module doc).
+
+    Returns:
+        (H or None for RTN, None / "pooled" / "rtn", tokens the unit saw).
+    """
     H, n = obs.hessian(u)
     if n >= min_tokens:
         return H, None, n
@@ -86,7 +91,7 @@ def _quantize_phase(
         W = unit_weight(layer, Unit(**{**u.__dict__, "param": u.param[len(prefix) + 1 :]})).detach()
         check_finite(W, u.name)
         min_tokens = opts["min_tokens"] or u.shape[1]
-        H, fallback, n = _hessian_for(obs, u, min_tokens)
+        H, fallback, n = hessian_for(obs, u, min_tokens)
         record["tokens"][u.name] = n
         if fallback:
             record["fallbacks"][u.name] = fallback

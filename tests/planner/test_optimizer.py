@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_ao.planner import plan
+from moe_ao.planner import measure_sensitivities, plan
 from moe_ao.planner.optimizer import solve, solve_dp, solve_greedy, solve_lagrangian
 from moe_ao.units import units
 
@@ -134,3 +134,40 @@ def test_knapsack_errors(model):
 def test_knapsack_params_exclude_the_budget(model):
     with pytest.raises(ValueError, match=r"does not take \['budget'\]; allowed parameters: \['bits', 'kinds',"):
         plan(model("mixtral"), "knapsack", budget_bits=3, budget=3, group_size="auto")
+
+
+def test_knapsack_plans_on_the_measured_kl_table(model, profile):
+    m = model("mixtral")
+    ids = torch.randint(0, m.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    prof = measure_sensitivities(m, ids, profile(m), group_size=32, bits=(2, 4), quantizer="rtn", kl_windows=2,
+                                 progress=False)
+    setup = prof.sensitivity_setup
+    assert setup["quantizer"] == "rtn" and setup["bits"] == [2, 4] and setup["kl_tokens"] == 32
+    assert set(prof.sensitivities) == {u.name for u in units(m) if u.kind in ("attention", "expert")}
+    assert set(setup["group_sizes"].values()) == {32}
+    auto = plan(m, "knapsack", budget_bits=3.0, stats=prof, bits=(2, 4), group_size=32)
+    assert auto.meta["details"]["sensitivity"] == "kl-rtn" and auto.meta["details"]["kl_tokens"] == 32
+    same = plan(m, "knapsack", budget_bits=3.0, sensitivities=prof.sensitivities, bits=(2, 4), group_size=32)
+    assert {n: s.bits for n, s in auto.items()} == {n: s.bits for n, s in same.items()}
+    proxy = plan(m, "knapsack", budget_bits=3.0, stats=profile(m), bits=(2, 4), group_size=32)  # no table: proxy
+    assert proxy.meta["details"]["sensitivity"].startswith("rtn-frobenius")
+
+
+def test_measured_table_must_match_the_plan(model, profile):
+    m = model("mixtral")
+    ids = torch.randint(0, m.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    prof = measure_sensitivities(m, ids, group_size=32, bits=(2, 4), quantizer="rtn", kinds=["attention"],
+                                 progress=False)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: the profile's sensitivities were"
+                                         r" measured at group_size=32, the plan uses 64 \(8 units differ\)"):
+        plan(m, "knapsack", budget_bits=3.0, stats=prof, kinds=["attention"], group_size=64)
+    with pytest.raises(ValueError, match="measured with symmetric=True, the plan asks for symmetric=False"):
+        plan(m, "knapsack", budget_bits=3.0, stats=prof, kinds=["attention"], group_size=32, symmetric=False)
+    with pytest.raises(ValueError, match=r"sensitivities lack 24 planned units"):
+        plan(m, "knapsack", budget_bits=3.0, stats=prof, group_size=32)  # experts were not measured
+    with pytest.raises(ValueError, match=r"sensitivity='kl' needs a Profile with measured sensitivities"):
+        plan(m, "knapsack", budget_bits=3.0, stats=profile(m), sensitivity="kl", group_size=32)
+    with pytest.raises(ValueError, match=r"sensitivity='fisher'; allowed: \('auto', 'kl', 'hessian'\)"):
+        plan(m, "knapsack", budget_bits=3.0, sensitivity="fisher", group_size=32)
+    with pytest.raises(ValueError, match=r"the model has no units of kinds \['router'\] to measure"):
+        measure_sensitivities(m, ids, kinds=["router"], progress=False)

@@ -1,0 +1,316 @@
+"""Measured sensitivities: the output KL divergence of quantizing one unit alone.
+
+For every requested unit u and width b, u's weight is replaced by its quantized version
+(GPTQ from the float model's own Hessians, or RTN) while every other weight stays
+float, and the model's next-token distribution on calibration text is compared with
+the float model's:
+
+    s[u][b] = mean over tokens t of KL(p_float(. | t) || p_{u at b bits}(. | t)).
+
+This is the budget optimizer's most faithful input. A layer-local proxy such as
+tr((W - Q) H (W - Q)ᵀ) cannot tell that an error in layer 0's q_proj moves the output
+a hundred times more than the same error in layer 6's: the measured KL does, so units
+of every kind and depth are ranked on one scale. Summing single-unit KLs assumes the
+units' effects add, which holds to first order for small, independent errors.
+
+Cost: per (unit, width) one forward of the layers from u's own onwards over the
+measured tokens, about ``n_units * n_widths * n_layers / 2`` layer forwards in all,
+plus one pass over every calibration window per layer for GPTQ's Hessians. On the
+embedded 7-layer models (196 / 337 units, widths {2, 3, 4, 8}, 16 x 256 tokens) that
+is 5-15 minutes on two CPU cores. The Hessian proxy
+(:func:`moe_ao.planner.scorers.sensitivity_table`) costs one profiling pass and is the
+scalable choice for models with thousands of experts.
+
+Precision: 16-bit models run in float32 on CPU (GPUs keep the model's dtype), as the
+rounding noise of a 16-bit forward would swamp the KL of one 4- or 8-bit unit. Memory:
+a copy of the decoder layers in that dtype, the hidden states of the calibration set at
+one layer, and the reference distribution (measured tokens x vocabulary floats).
+
+Shapes: b windows per chunk, L tokens per window, V vocabulary, d hidden size.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moe_ao.quant.gptq import gptq_quantize
+from moe_ao.quant.gptq_driver import hessian_for
+from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
+from moe_ao.quant.observers import LayerObserver
+from moe_ao.quant.primitives import check_finite, rtn_quantize, scale_dtype_for
+from moe_ao.units import Unit, decoder_layers, unit_weight
+from moe_ao.units import units as model_units
+
+logger = logging.getLogger(__name__)
+
+QUANTIZERS = ("gptq", "rtn")
+
+
+class _Feed(nn.Module):
+    """Stands in for a decoder layer: returns ``hidden`` when set, else its input."""
+
+    def __init__(self, like: nn.Module) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+        for attr in ("attention_type", "layer_idx"):  # read by some models' layer loops
+            if hasattr(like, attr):
+                setattr(self, attr, getattr(like, attr))
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states if self.hidden is None else self.hidden
+
+
+class Head:
+    """The model after its decoder layers (final norm, lm_head), from hidden states to logits.
+
+    A copy of the model whose decoder layers are pass-through stand-ins, the first of
+    which emits the given hidden states: the model's own forward code (norm, head,
+    logit soft-capping, ...) then maps them to logits, whatever the architecture.
+
+    Args:
+        model: the causal LM (not changed).
+        dtype: dtype of the copy.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        list_name, layers = decoder_layers(model)
+        parent_name, _, attr = list_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, nn.ModuleList(_Feed(layer) for layer in layers))
+        try:
+            self.shell = copy.deepcopy(model).to(dtype)
+        finally:
+            setattr(parent, attr, layers)
+        self._feed = decoder_layers(self.shell)[1][0]
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [b, L, V] for the final hidden states [b, L, d] of token ids [b, L],
+        in float32 or wider (float64 stays float64)."""
+        self._feed.hidden = hidden
+        try:
+            z = self.shell(ids.to(hidden.device), use_cache=False).logits
+        finally:
+            self._feed.hidden = None
+        return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
+class _Reference:
+    """The float model's distribution on the measured chunks, and KL(float || other).
+
+    With p = softmax(z_ref) and the other model's logits z = z_ref + δ, per token
+
+        KL(p || softmax(z)) = log(Σ_v p_v e^δ_v) - Σ_v p_v δ_v,
+
+    an exact identity whose terms are small where the models agree: an unchanged model
+    gives exactly 0, and a tiny change is not lost in the rounding of two log-softmaxes
+    of size ~10 (float32 rounds those at ~1e-6, more than a single 8-bit unit's KL).
+    p is renormalised by its float64 sum s0, since in float32 Σ_v p_v is 1 only to ~1e-7.
+    """
+
+    def __init__(self, head: Head, chunks: list[torch.Tensor], final: LayerInputs) -> None:
+        self.head, self.chunks = head, chunks
+        self.logits: list[torch.Tensor] = []  # per chunk z_ref [b, L, V]
+        self.probs: list[torch.Tensor] = []  # per chunk p [b, L, V]
+        self.mass: list[torch.Tensor] = []  # per chunk s0 = Σ_v p [b, L], float64
+        for ids, h in zip(chunks, final.hidden):
+            z = head.logits(ids, h)
+            p = torch.softmax(z, dim=-1)
+            self.logits.append(z)
+            self.probs.append(p)
+            self.mass.append(p.sum(-1, dtype=torch.float64))
+        self.tokens = sum(ids.numel() for ids in chunks)
+
+    def kl(self, final: LayerInputs) -> float:
+        """Mean per-token KL(float || model whose last hidden states are ``final``), >= 0."""
+        total = 0.0
+        for z_ref, p, s0, ids, h in zip(self.logits, self.probs, self.mass, self.chunks, final.hidden):
+            d = self.head.logits(ids, h) - z_ref  # δ [b, L, V]
+            m = d.amax(-1, keepdim=True)  # log Σ p e^δ = m + log Σ p e^(δ-m): no overflow
+            s1 = (p * torch.exp(d - m)).sum(-1, dtype=torch.float64)
+            s2 = (p * d).sum(-1, dtype=torch.float64)
+            total += float((m.squeeze(-1).double() + torch.log(s1 / s0) - s2 / s0).sum())
+        return max(0.0, total / self.tokens)  # float64 rounding can leave an ~0 KL a hair below zero
+
+
+def _tail(layers: Sequence[nn.Module], start: int, inputs: LayerInputs) -> LayerInputs:
+    for layer in layers[start:]:
+        inputs = run_layer(layer, inputs)
+    return inputs
+
+
+def _local(u: Unit, prefix: str) -> Unit:
+    """The unit with its parameter named relative to its decoder layer."""
+    return Unit(**{**u.__dict__, "param": u.param[len(prefix) + 1 :]})
+
+
+def _hessians(
+    layer: nn.Module, prefix: str, units: list[Unit], layer_units: list[Unit], inputs: LayerInputs
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each unit's GPTQ Hessian on the float layer, with the GPTQ driver's rare-expert fallbacks."""
+    with LayerObserver(prefix, layer, layer_units, {u.name for u in units}) as obs:
+        run_layer(layer, inputs)
+    hessians, fallbacks = {}, {}
+    for u in units:
+        H, fallback, _ = hessian_for(obs, u, u.shape[1])
+        if fallback:
+            fallbacks[u.name] = fallback
+        if H is not None:
+            hessians[u.name] = H
+    return hessians, fallbacks
+
+
+def _candidates(
+    weights: dict[str, torch.Tensor], units: list[Unit], hessians: dict[str, torch.Tensor], bits: int,
+    group_sizes: dict[str, int], symmetric: bool, scale_dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """unit -> its weight quantized at ``bits`` and dequantized [R, K]: GPTQ where it has a Hessian, else RTN."""
+    out: dict[str, torch.Tensor] = {}
+    batches: dict[tuple, list[Unit]] = defaultdict(list)
+    for u in units:
+        W, g = weights[u.name], group_sizes[u.name]
+        if u.name in hessians:
+            batches[(u.shape, g)].append(u)
+        else:
+            out[u.name] = rtn_quantize(W, bits, g, symmetric, scale_dtype).dequantize(W.dtype)
+    for (_, g), us in batches.items():  # one batched GPTQ call per weight shape, as the driver does
+        Ws = torch.stack([weights[u.name] for u in us])  # [B, R, K]
+        Hs = torch.stack([hessians[u.name] for u in us])  # [B, K, K]
+        q, _ = gptq_quantize(Ws, Hs, bits=bits, group_size=g, symmetric=symmetric, scale_dtype=scale_dtype,
+                             act_order=True)
+        for u, W in zip(us, q.dequantize(Ws.dtype)):
+            out[u.name] = W
+    return out
+
+
+@contextmanager
+def _swapped(layer: nn.Module, u: Unit, prefix: str, W: torch.Tensor) -> Iterator[None]:
+    view = unit_weight(layer, _local(u, prefix))
+    saved = view.detach().clone()
+    with torch.no_grad():
+        view.copy_(W)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            view.copy_(saved)
+
+
+def _check_args(calibration: torch.Tensor, units: Sequence[Unit], group_sizes: dict[str, int], quantizer: str,
+                kl_windows: int) -> None:
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer={quantizer!r}; allowed: {QUANTIZERS}")
+    if not isinstance(calibration, torch.Tensor) or calibration.ndim != 2 or calibration.numel() == 0 \
+            or calibration.dtype != torch.long:
+        got = f"{calibration.dtype} {tuple(calibration.shape)}" if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise ValueError(f"calibration must be non-empty int64 [n_samples, seq_len] token ids; got {got}")
+    if isinstance(kl_windows, bool) or not isinstance(kl_windows, int) or kl_windows < 1:
+        raise ValueError(f"kl_windows={kl_windows!r}; allowed: a positive int")
+    bad = [u.name for u in units if u.layer is None or u.kind == "router"]
+    if bad:
+        raise ValueError(f"KL sensitivities are measured for decoder-layer linears, not routers or {bad[:3]}")
+    missing = [u.name for u in units if u.name not in group_sizes]
+    if missing:
+        raise ValueError(f"group_sizes lacks {len(missing)} units, e.g. {missing[:3]}")
+
+
+@torch.no_grad()
+def kl_sensitivities(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    units: Sequence[Unit],
+    group_sizes: dict[str, int],
+    bits: Sequence[int] = (2, 3, 4, 8),
+    *,
+    symmetric: bool = True,
+    quantizer: str = "gptq",
+    kl_windows: int = 16,
+    batch_size: int = 8,
+    compute_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[int, float]], dict[str, Any]]:
+    """Per unit and width, the calibration KL of quantizing that unit alone.
+
+    Args:
+        model: the float model (not changed).
+        calibration: int64 [n, L] token windows. GPTQ's Hessians use all of them; the
+            KL is measured on the first ``kl_windows``.
+        units: the units to measure (decoder-layer linears, not routers).
+        group_sizes: unit name -> group size.
+        bits: widths to measure.
+        symmetric: quantization symmetry.
+        quantizer: ``gptq`` (act-order, one pass from the float model's Hessians;
+            experts with fewer routed tokens than in_features use their layer's pooled
+            Hessian, then RTN, as the GPTQ driver does) or ``rtn``.
+        kl_windows: calibration windows the KL is measured on (cost is linear in it).
+        batch_size: windows per forward.
+        compute_dtype: forward dtype (default: float32 for 16-bit models on CPU, else
+            the model's dtype).
+        progress: show a progress bar.
+
+    Returns:
+        ({unit name: {bits: KL}} with every KL >= 0, meta: quantizer, measured tokens,
+        dtype, and the units whose GPTQ fell back).
+
+    Raises:
+        ValueError: an unknown quantizer, bad calibration or kl_windows, a router or a
+            unit outside the decoder layers, a unit without a group size, or NaN/Inf
+            weights (naming the unit).
+    """
+    _check_args(calibration, units, group_sizes, quantizer, kl_windows)
+    param = next(model.parameters())
+    if compute_dtype is None:
+        low = param.dtype in (torch.bfloat16, torch.float16) and param.device.type == "cpu"
+        compute_dtype = torch.float32 if low else param.dtype
+    scale_dtype = scale_dtype_for(param.dtype)
+    prefix, layers = decoder_layers(model)
+    work = [copy.deepcopy(layer).to(compute_dtype) for layer in layers]
+    measured = calibration[:kl_windows]
+    chunks = [c.to(param.device) for c in measured.split(batch_size)]
+    inputs = capture_inputs(model, measured, batch_size).to(compute_dtype)
+    hess_inputs = capture_inputs(model, calibration, batch_size).to(compute_dtype) if quantizer == "gptq" else None
+    ref = _Reference(Head(model, compute_dtype), chunks, _tail(work, 0, inputs))
+    todo: dict[int, list[Unit]] = defaultdict(list)
+    for u in units:
+        todo[u.layer].append(u)
+    layer_units: dict[int, list[Unit]] = defaultdict(list)
+    for u in model_units(model):  # the observer needs every unit of a layer, routers included
+        if u.layer is not None:
+            layer_units[u.layer].append(u)
+    table: dict[str, dict[int, float]] = {}
+    fallbacks: dict[str, str] = {}
+    bar = tqdm(total=len(units) * len(bits), desc="KL sensitivities", disable=not progress)
+    for i, layer in enumerate(work):
+        lp = f"{prefix}.{i}"
+        if todo.get(i):
+            weights = {u.name: unit_weight(layer, _local(u, lp)).detach().clone() for u in todo[i]}
+            for u in todo[i]:
+                check_finite(weights[u.name], u.name)
+            hessians: dict[str, torch.Tensor] = {}
+            if hess_inputs is not None:
+                hessians, fb = _hessians(layer, lp, todo[i], layer_units[i], hess_inputs)
+                fallbacks |= fb
+            for b in bits:
+                cands = _candidates(weights, todo[i], hessians, b, group_sizes, symmetric, scale_dtype)
+                for u in todo[i]:
+                    with _swapped(layer, u, lp, cands[u.name]):
+                        table.setdefault(u.name, {})[b] = ref.kl(_tail(work, i, inputs))
+                    bar.update()
+        inputs = run_layer(layer, inputs)
+        if hess_inputs is not None:
+            hess_inputs = run_layer(layer, hess_inputs)
+    bar.close()
+    if fallbacks:
+        logger.info("KL sensitivities: GPTQ fell back for %d rare units", len(fallbacks))
+    meta = {"quantizer": quantizer, "kl_tokens": int(measured.numel()), "dtype": str(compute_dtype).split(".")[-1],
+            "fallbacks": len(fallbacks)}
+    return {u.name: table[u.name] for u in units}, meta
