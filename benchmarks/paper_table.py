@@ -1,7 +1,8 @@
 """The QuantMoE-Bench study, rerun on moe_ao's planner: each paper heuristic vs its control.
 
 Per model, one calibration profile (routing counts, block similarities, Hessians)
-feeds the data-driven strategies. Each grid cell is plan -> GPTQ (or RTN) -> KL to the
+feeds the data-driven strategies; the knapsack optimizer also gets every unit's
+measured KL sensitivity (``moe_ao.planner.measure_sensitivities``, cached on disk). Each grid cell is plan -> GPTQ (or RTN) -> KL to the
 bf16 model, top-1 agreement and perplexity on held-out WikiText-2 test windows, plus
 the shipped lm-eval task if asked. Random controls run once per seed and report
 mean ± std. Finished cells are cached as JSON under ``--cache-dir``, keyed by the
@@ -45,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import moe_ao  # noqa: E402
 from _common import machine  # noqa: E402
+from paper_findings import findings_md, fmt  # noqa: E402
 from moe_ao import models  # noqa: E402
 from moe_ao.calibration import load_calibration, load_eval_tokens  # noqa: E402
 from moe_ao.eval.metrics import compare, eval_windows, logprobs  # noqa: E402
-from moe_ao.planner import heuristics, plan  # noqa: E402
+from moe_ao.planner import heuristics, measure_sensitivities, plan  # noqa: E402
 from moe_ao.profiling import profile  # noqa: E402
 
 logger = logging.getLogger("paper_table")
@@ -145,13 +147,18 @@ def grid(facts: Facts, units: list[moe_ao.Unit], seeds: list[int], budgets: list
     add("layerisp", "layerisp", f"block predictor: {k_large} block(s) (+LayerISP)", "layerisp", {"k": k_large})
     add("layerisp-rand", "layerisp", f"  random {k_large} MoE block(s)", "blocks-random", {"k": k_large}, rand=True)
     add("combination", "combination", "+Attn+Shared+Freq+FirstL+LinearOSP+LayerISP", "combination", combo)
-    heuristic_at_budget = [("freq", "frequency", {"k": kf}), ("firstk", "first-k", {}),
-                           ("lin-down", "linear-type", {"proj": "down_proj"}), ("outlier", "outlier", {}),
-                           ("layerisp", "layerisp", {}), ("combination", "combination", combo)]
+    heuristic_at_budget = [("attn", "attention", {"bits": 8}), ("freq", "frequency", {"k": kf}),
+                           ("firstk", "first-k", {}), ("lin-down", "linear-type", {"proj": "down_proj"}),
+                           ("outlier", "outlier", {}), ("layerisp", "layerisp", {}),
+                           ("combination", "combination", combo)]
     for B in budgets:
-        add(f"knapsack@{B}", "optimizer", f"knapsack optimizer @ {B}", "knapsack", budget=B)
+        add(f"knapsack@{B}", "optimizer", f"knapsack optimizer, measured KL @ {B}", "knapsack",
+            {"sensitivity": "kl"}, budget=B)
+        # Not rivals in the findings: the scalable Hessian proxy, and the KL knapsack kept off attention.
+        add(f"knapsack-hessian@{B}", "optimizer", f"  knapsack optimizer, Hessian proxy @ {B}", "knapsack",
+            {"sensitivity": "hessian"}, budget=B)
         add(f"knapsack-experts@{B}", "optimizer", f"  knapsack over experts only (rest at base) @ {B}", "knapsack",
-            {"kinds": ["expert"]}, budget=B)  # not a rival in the findings: isolates the attention choice
+            {"sensitivity": "kl", "kinds": ["expert"]}, budget=B)
         for id_, strategy, params in heuristic_at_budget:
             add(f"{id_}@{B}", "optimizer", f"  {strategy} @ {B}", strategy, params, budget=B)
     return cells
@@ -192,8 +199,8 @@ def memoized_block_scores():
 class ModelRun:
     """A float model with its calibration, held-out windows and lazily computed reference/profile."""
 
-    def __init__(self, name: str, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, name: str, args: argparse.Namespace, cache_dir: Path) -> None:
+        self.args, self.cache_dir = args, cache_dir
         self.path = models.path(name) if name in models.available() else Path(name)
         self.tag = self.path.name if name not in models.available() else name
         self.model_hash = file_hash(self.path)
@@ -219,8 +226,31 @@ class ModelRun:
                     time.perf_counter() - t)
         return out
 
+    @cached_property
+    def kl_stats(self):
+        """The profile plus measured KL sensitivities, cached on disk (the grid's slowest step)."""
+        key = _sha({"model": self.model_hash, "setup": self.setup, "kl_windows": self.args.kl_windows})
+        path = self.cache_dir / f"{self.tag}-kl-sensitivities-{key[:24]}.json"
+        stats = copy.copy(self.stats)
+        if path.exists():
+            record = json.loads(path.read_text())
+            stats.sensitivities = {u: {int(b): v for b, v in d.items()} for u, d in record["sensitivities"].items()}
+            stats.sensitivity_setup = record["setup"]
+            return stats
+        t = time.perf_counter()
+        measure_sensitivities(self.model, self.calibration, stats, group_size=GROUP_SIZE,
+                              kl_windows=self.args.kl_windows, progress=False)
+        stats.sensitivity_setup["seconds"] = time.perf_counter() - t
+        logger.info("%s: measured KL sensitivities of %d units in %.0f s", self.tag, len(stats.sensitivities),
+                    stats.sensitivity_setup["seconds"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"sensitivities": stats.sensitivities, "setup": stats.sensitivity_setup}))
+        return stats
+
     def plan(self, cell: Cell) -> moe_ao.Plan:
         stats = self.stats if cell.strategy in NEEDS_STATS else None
+        if cell.params.get("sensitivity") == "kl":
+            stats = self.kl_stats
         return plan(self.model, cell.strategy, cell.budget, stats, cell.seed, group_size=GROUP_SIZE,
                     base=cell.base, **cell.params)
 
@@ -298,13 +328,6 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(e: dict[str, Any], k: str, digits: int, scale: float = 1.0) -> str:
-    if k not in e:
-        return "—"
-    text = f"{e[k] * scale:.{digits}f}"
-    return text + (f" ± {e[k + '_std'] * scale:.{digits}f}" if e["random"] and len(e["seeds"]) > 1 else "")
-
-
 def table_md(run: ModelRun, table: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The paper-shaped table: strategy, paper and true average bits, KL, top-1, ppl [, lm-eval acc]."""
     lm = args.lm_eval_limit > 0
@@ -327,8 +350,8 @@ def table_md(run: ModelRun, table: list[dict[str, Any]], args: argparse.Namespac
         if "error" in e:
             lines.append(f"| {e['experiment']} | {label} | infeasible: {e['error'].split(':', 1)[-1].strip()} |")
             continue
-        cells = [e["experiment"], label, f"{e['avg_bits']:.3f}", f"{e['true_bits']:.3f}", _fmt(e, "kl", 3, 1e3),
-                 _fmt(e, "top1", 3), _fmt(e, "ppl", 2)] + ([_fmt(e, "lm_acc", 3)] if lm else [])
+        cells = [e["experiment"], label, f"{e['avg_bits']:.3f}", f"{e['true_bits']:.3f}", fmt(e, "kl", 3, 1e3),
+                 fmt(e, "top1", 3), fmt(e, "ppl", 2)] + ([fmt(e, "lm_acc", 3)] if lm else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -388,6 +411,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--strategies", nargs="+", help=f"experiments {EXPERIMENTS} or planner strategy names"
                     " (rows using them); default: the whole grid")
     ap.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0])
+    ap.add_argument("--kl-windows", type=int, default=16, help="calibration windows the knapsack's KL"
+                    " sensitivities are measured on (GPTQ's Hessians for them use all --n-calib)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], help="seeds of the random controls")
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     ap.add_argument("--lm-eval-limit", type=int, default=0, help="documents of the local lm-eval task (0: off)")
@@ -401,141 +426,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# ---- findings: each headline claim, the paper's numbers, ours, and a verdict by fixed rules ----
-
-TIE_BAND = 0.02  # direct pairs (deterministic, no seeds): KL within 2% of each other is a tie
-OPT_RATIO = 0.8  # the optimizer claim: KL <= 0.8 x the best heuristic's at equal or fewer true bits
-FINDINGS = [
-    ("Attention > experts (same bits)",
-     "Mixtral: attention 2→4 / 2→8 = 46.00 / 49.39 vs the same bits on random experts 41.39 / 41.43"
-     " (uniform 2-bit 40.53). DeepSeek: uniform 2 → +Attn = 49.44 → 57.32.",
-     [("attn4", "attn4-rand"), ("attn8", "attn8-rand")]),
-    ("Shared > routed experts (same bits)",
-     "DeepSeek: +Attn → +Attn+Shared = 57.32 → 61.14 (shared at 4 bits costs 2.13 average bits)."
-     " Compared here with the same bits on random / most-routed experts.",
-     [("shared", "shared-rand"), ("shared", "shared-freq")]),
-    ("Frequent experts > random experts",
-     "Mixtral: top-2 per block at 4 bits (2.54 bits) vs random 2 per block; the accuracies are not in our notes"
-     " (PAPER.md), only the setup.",
-     [("freq", "freq-rand")]),
-    ("First blocks > last blocks",
-     "Mixtral: first-8 vs last-8 blocks at 4 bits (2.54 bits) = 58.16 vs 47.36.",
-     [("first{s}", "last{s}"), ("first{l}", "last{l}"), ("first{l}", "blocks{l}-rand")]),
-    ("Outlier scorer > random linears",
-     "Mixtral: 56.20 vs 55.25 ± 0.95; DeepSeek: 62.43 vs 59.61 (2.54 bits). On Mixtral the top 25% were"
-     " almost all down_proj (191 of 192).",
-     [("outlier", "outlier-rand")]),
-    ("Block predictor > random blocks",
-     "DeepSeek: 60.58 vs 60.49 ± 0.56 (k = 8). The predictor ranked Mixtral blocks 31, 30, 12, 10, 13, 8, …"
-     " first, DeepSeek blocks 27, 26, 1, 2, 3, … first.",
-     [("layerisp", "layerisp-rand")]),
-    ("Combination > uniform GPTQ at similar bits",
-     "Mixtral: combination at 3.51 bits vs uniform 3-bit = 72.83 vs 70.69; DeepSeek: 3.06 bits vs uniform 3-bit"
-     " = 65.35 vs 64.30.",
-     [("combination@3.0", "uniform3"), ("combination", "uniform3")]),
-    (f"Optimizer ≤ {OPT_RATIO}× the best heuristic's KL at equal or fewer true bits",
-     "Not in the paper (moe_ao's knapsack over Hessian-weighted RTN sensitivities); the target is the project's.",
-     "optimizer"),
-]
-
-
-def _judge(a: dict[str, Any], b: dict[str, Any], optimizer: bool = False) -> str:
-    """win / tie / loss of ``a`` against ``b`` by the rules stated in findings.md."""
-    if optimizer:
-        ok_kl, ok_bits = a["kl"] <= OPT_RATIO * b["kl"], a["true_bits"] <= b["true_bits"] + 1e-6
-        return "win" if ok_kl and ok_bits else ("tie" if a["kl"] < b["kl"] else "loss")
-    if b["random"] and len(b["seeds"]) > 1:
-        lo, hi = b["kl"] - b["kl_std"], b["kl"] + b["kl_std"]
-        return "win" if a["kl"] < lo else ("loss" if a["kl"] > hi else "tie")
-    rel = (b["kl"] - a["kl"]) / b["kl"]
-    return "win" if rel > TIE_BAND else ("loss" if rel < -TIE_BAND else "tie")
-
-
-def _comparisons(t: dict[str, dict[str, Any]], pairs: list[tuple[str, str]] | str) -> list[tuple]:
-    """(heuristic, control, outcome) for the pairs both measured on this model."""
-    if pairs == "optimizer":  # each budget's knapsack vs the lowest-KL heuristic fitted to that budget
-        out = []
-        for id_, a in t.items():
-            rivals = [e for i, e in t.items() if "kl" in e and i.endswith(id_[8:]) and not i.startswith("knapsack")]
-            if id_.startswith("knapsack@") and "kl" in a and rivals:
-                b = min(rivals, key=lambda e: e["kl"])
-                out.append((a, b, _judge(a, b, optimizer=True)))
-        return out
-    firsts = sorted(int(i[5:]) for i in t if i.startswith("first") and i[5:].isdigit())
-    ks = {"s": firsts[0], "l": firsts[-1]} if firsts else {"s": 0, "l": 0}
-    out = []
-    for a_id, b_id in pairs:
-        a, b = t.get(a_id.format(**ks)), t.get(b_id.format(**ks))
-        if a and b and "kl" in a and "kl" in b:
-            out.append((a, b, _judge(a, b)))
-    return out
-
-
-def finding_rows(tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per finding and model: the comparisons made, each outcome, and the verdict."""
-    out = []
-    for title, paper, pairs in FINDINGS:
-        per_model = {}
-        for model, rows in tables.items():
-            comps = _comparisons({e["id"]: e for e in rows}, pairs)
-            wins = sum(c[2] == "win" for c in comps)
-            verdict = "n/a" if not comps else "yes" if wins == len(comps) else "partly" if wins else "no"
-            per_model[model] = {"comparisons": comps, "verdict": verdict}
-        out.append({"title": title, "paper": paper, "models": per_model})
-    return out
-
-
-def findings_md(tables: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
-    lines = ["# QuantMoE-Bench headline findings on the embedded models", "",
-             "The paper's numbers are average zero-shot accuracy (%) on Mixtral-8x7B / DeepSeek-MoE-16B"
-             " (higher is better). Ours are 10³ × KL(bf16 ‖ quantized) per token on held-out WikiText-2 test"
-             f" (lower is better), {args.method.upper()}, true average bits in brackets (tables:"
-             " `paper_table_<model>.md`).", "",
-             "**Rules.** Against a random control (mean ± sample std over seeds"
-             f" {args.seeds}): *win* if the heuristic's KL < mean − std, *loss* if > mean + std, else *tie*."
-             f" Direct pairs (deterministic): *win* if KL is lower by more than {TIE_BAND:.0%}, *loss* if higher by"
-             f" more, else *tie*. Optimizer: *win* if KL ≤ {OPT_RATIO} × the best heuristic's at the same budget"
-             " and true bits ≤ its true bits (heuristics fitted to the budget with `budget_bits`; infeasible"
-             " ones skipped). **Reproduces**: *yes* if every comparison of the finding wins on that model,"
-             " *partly* if some do, *no* if none, *n/a* if the model lacks the parts (e.g. shared experts).", ""]
-    rows = finding_rows(tables)
-    lines += ["| finding | " + " | ".join(tables) + " |", "|---|" + "---|" * len(tables)]
-    lines += [f"| {i}. {f['title']} | " + " | ".join(m["verdict"] for m in f["models"].values()) + " |"
-              for i, f in enumerate(rows, 1)] + [""]
-    for i, f in enumerate(rows, 1):
-        lines += [f"## {i}. {f['title']}", "", f"Paper: {f['paper']}", "",
-                  "| model | ours: heuristic vs control | outcome | reproduces |", "|---|---|---|---|"]
-        for model, m in f["models"].items():
-            if not m["comparisons"]:
-                lines.append(f"| {model} | — | — | n/a |")
-            for j, (a, b, outcome) in enumerate(m["comparisons"]):
-                a_text, b_text = (f"`{e['id']}` {_fmt(e, 'kl', 3, 1e3)} ({e['true_bits']:.2f} b)" for e in (a, b))
-                lines.append(f"| {model if j == 0 else ''} | {a_text} vs {b_text} | {outcome} |"
-                             f" {'**' + m['verdict'] + '**' if j == 0 else ''} |")
-        lines += ["", _plan_note(f["title"], tables), ""]
-    return "\n".join(lines)
-
-
-def _plan_note(title: str, tables: dict[str, list[dict[str, Any]]]) -> str:
-    """What the data-driven rules picked on each model (the paper reports the same facts)."""
-    if title.startswith("Optimizer"):
-        picks = [f"{m} {e['id'][16:]}: {_fmt(e, 'kl', 3, 1e3)}" for m, rows in tables.items() for e in rows
-                 if e["id"].startswith("knapsack-experts@") and "kl" in e]
-        return ("Ours, the knapsack over routed experts only (attention, shared, dense kept at 4 bits), 10³ × KL: "
-                + "; ".join(picks) + ".") if picks else ""
-    what = {"Outlier": ("outlier", "selected_by_proj"), "Block predictor": ("layerisp", "ranking")}
-    for prefix, (id_, key) in what.items():
-        if title.startswith(prefix):
-            picks = [f"{m}: {e['plan'].get(key)}" for m, rows in tables.items() for e in rows
-                     if e["id"] == id_ and e.get("plan", {}).get(key) is not None]
-            return f"Ours, picked ({key}): " + "; ".join(picks) + "." if picks else ""
-    return ""
-
-
 def run_model(name: str, args: argparse.Namespace, cache_dir: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """All selected cells of one model; writes its markdown, JSON and PNG; returns (table, counts)."""
     t0 = time.perf_counter()
-    run = ModelRun(name, args)
+    run = ModelRun(name, args, cache_dir)
     want = args.strategies  # an experiment name selects its rows; another name, the rows using that strategy
     cells = [c for c in grid(run.facts, run.units, args.seeds, args.budgets) if want is None
              or c.experiment in want or (c.strategy in want and c.strategy not in EXPERIMENTS)]

@@ -29,6 +29,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=d.out, help="where the quantized checkpoint and report go")
 
 
+def _add_sensitivity_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    what = ("measure every unit's KL sensitivity for the knapsack optimizer (a forward pass per unit and"
+            " width: minutes on the embedded models)" if default is None else
+            "knapsack only, when profiling now: kl = measured output KL per unit (best, minutes on the embedded"
+            " models), hessian = Hessian-weighted error proxy (one pass)")
+    p.add_argument("--sensitivity", choices=("kl", "hessian") if default else ("kl",), default=default, help=what)
+    p.add_argument("--kl-windows", type=int, default=16, help="calibration windows the KL is measured on")
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="embedded model name or local HF checkpoint dir")
 
@@ -46,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--hessians", action="store_true", help="also keep every unit's input Hessian")
+    _add_sensitivity_args(p, default=None)
+    p.add_argument("--group-size", default="auto", help="group size the KL sensitivities are measured at"
+                   " (int or 'auto'); plan with the same one")
     p.add_argument("-o", "--output", required=True, help="profile file (.pt)")
     p = sub.add_parser("plan", help="build a bit plan with a named strategy, optionally at a budget",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strategy parameter, repeatable (values read as JSON), e.g. --param k=2")
     p.add_argument("--group-size", default="auto", help="int or 'auto' (largest of 128/64/32 dividing each unit)")
     p.add_argument("--profile", help="profile file from `moe-ao profile` (else profiled now when needed)")
+    _add_sensitivity_args(p, default="kl")
     p.add_argument("--calibration", default="wikitext2-valid")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
@@ -106,11 +119,14 @@ def _cmd_units(args: argparse.Namespace) -> None:
 def _cmd_profile(args: argparse.Namespace) -> None:
     from moe_ao import models
     from moe_ao.calibration import load_calibration
+    from moe_ao.planner import measure_sensitivities
     from moe_ao.profiling import profile
 
     model, tok = models.load(args.model)
     calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, model_config=model.config)
     prof = profile(model, calib, hessians=args.hessians)
+    if args.sensitivity == "kl":
+        measure_sensitivities(model, calib, prof, group_size=_group_size(args.group_size), kl_windows=args.kl_windows)
     prof.meta["source"] = args.calibration
     prof.save(args.output)
     print(json.dumps({str(k): v.tolist() for k, v in prof.routing_counts.items()}))
@@ -129,26 +145,39 @@ DATA_STRATEGIES = ("frequency", "frequency-global", "layerisp", "block-predictor
 def _cmd_plan(args: argparse.Namespace) -> None:
     from moe_ao import models
     from moe_ao.calibration import load_calibration
-    from moe_ao.planner import get_strategy, heatmap, parse_params, plan, summarize
+    from moe_ao.planner import (PLANNED_KINDS, get_strategy, heatmap, measure_sensitivities, parse_params, plan,
+                                summarize)
     from moe_ao.profile_stats import Profile
     from moe_ao.profiling import profile
 
-    get_strategy(args.strategy)  # fail on a typo before loading anything
+    spec = get_strategy(args.strategy)  # fail on a typo before loading anything
+    params = parse_params(args.param)
+    group = _group_size(args.group_size)
     model, tok = models.load(args.model)
     stats = None
     if args.profile:
         stats = Profile.load(args.profile)
     elif args.strategy in DATA_STRATEGIES:
         calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, args.seed, model.config)
-        stats = profile(model, calib, hessians=args.strategy in ("knapsack", "optimizer"), seed=args.seed)
-    group = args.group_size if args.group_size == "auto" else int(args.group_size)
-    p = plan(model, args.strategy, budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group,
-             **parse_params(args.param))
+        stats = profile(model, calib, hessians=spec.optimizer, seed=args.seed)
+        if spec.optimizer and args.sensitivity == "kl" and "sensitivities" not in params:
+            measure_sensitivities(model, calib, stats, group_size=group, kinds=params.get("kinds") or PLANNED_KINDS,
+                                  kl_windows=args.kl_windows)
+    p = plan(model, args.strategy, budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group, **params)
     p.to_json(args.output)
     print(summarize(p, model))
     print(f"avg bits {p.avg_bits(model):.3f} (paper accounting), {p.true_avg_bits(model):.3f} true -> {args.output}")
     if args.heatmap:
         print(heatmap(p, model, args.heatmap))
+
+
+def _group_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--group-size={text!r}; allowed: a positive int or 'auto'") from None
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:

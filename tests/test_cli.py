@@ -7,6 +7,7 @@ import torch
 
 import moe_ao
 from moe_ao.cli import main
+from moe_ao.profile_stats import Profile
 
 
 def test_user_mistakes_are_one_line_errors(capsys, tmp_path):
@@ -33,6 +34,23 @@ def test_plan_then_quantize_round_trip(tmp_path, capsys):
     ids = torch.tensor([[1, 2, 3, 4]])
     ref = moe_ao.quantize_(model, plan)
     assert torch.equal(q(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.slow
+def test_profile_with_kl_sensitivities_then_knapsack_plan(tmp_path, capsys):
+    prof, plan_file = tmp_path / "profile.pt", tmp_path / "plan.json"
+    assert main(["profile", "--model", "tiny-mixtral", "--n-samples", "2", "--seq-len", "32", "--sensitivity", "kl",
+                 "--kl-windows", "1", "--group-size", "32", "-o", str(prof)]) == 0
+    stats = Profile.load(str(prof))
+    assert len(stats.sensitivities) == 196 and stats.sensitivity_setup["kl_tokens"] == 32
+    assert main(["plan", "--model", "tiny-mixtral", "--strategy", "knapsack", "--budget", "2.5", "--group-size", "32",
+                 "--profile", str(prof), "-o", str(plan_file)]) == 0
+    plan = moe_ao.Plan.from_json(str(plan_file))
+    assert plan.meta["details"]["sensitivity"] == "kl-gptq" and plan.meta["avg_bits"] <= 2.5
+    capsys.readouterr()
+    assert main(["plan", "--model", "tiny-mixtral", "--strategy", "knapsack", "--budget", "2.5", "--group-size", "64",
+                 "--profile", str(prof), "-o", str(plan_file)]) == 2
+    assert "measured at group_size=32, the plan uses 64" in capsys.readouterr().err
 
 
 @pytest.mark.slow
