@@ -8,8 +8,9 @@ would have to emulate op by op, and its ``eager`` loop breaks the graph on ``non
 It touches weights only through indexing (``w[ids]``), which a PackedWeight answers
 with dense dequantized experts, so it serves plain and packed weights alike:
 
-- decode (few routed pairs): dequantize only the selected experts and use bmm; a packed
-  bank on CPU is instead read directly by ``moe_ao.kernels.cpu_packed`` (no dense copy);
+- decode (few routed pairs): a packed bank is read directly by a kernel, with no dense
+  copy (``moe_ao.kernels.triton_packed`` on CUDA, ``moe_ao.kernels.cpu_packed`` on CPU);
+  plain weights use the selected experts and bmm;
 - prefill: dequantize the bank once and run a grouped matmul over sorted tokens.
 
 Shapes: T tokens, k = top-k, S = T*k routed pairs, E experts, H hidden, I intermediate.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_ao.kernels import triton_packed
 from moe_ao.kernels.cpu_packed import packed_experts_linear
 from moe_ao.kernels.grouped_mm import grouped_mm
 from moe_ao.tensors.packed import PackedWeight
@@ -33,8 +35,11 @@ def dense_bank(w: torch.Tensor) -> torch.Tensor:
 
 def _experts_matvec(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Row s of x [S, K] times expert ids[s] of bank [E, N, K] -> [S, N]."""
-    if isinstance(bank, PackedWeight) and bank.device.type == "cpu":
-        return packed_experts_linear(x, bank, ids)  # reads packed codes (kernel or reference)
+    if isinstance(bank, PackedWeight):  # kernels read the packed codes: no dense copy
+        if triton_packed.triton_ok(x, bank, x.shape[0]):
+            return triton_packed.packed_experts_linear(x, bank, ids)
+        if bank.device.type == "cpu":
+            return packed_experts_linear(x, bank, ids)  # the C++ kernel, or its reference
     return torch.bmm(bank[ids], x.unsqueeze(-1)).squeeze(-1)
 
 

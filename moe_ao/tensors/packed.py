@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
+from moe_ao.kernels import triton_packed
 from moe_ao.kernels.cpu_packed import kernel_ok, packed_linear
 from moe_ao.quant.primitives import QuantizedWeight, dequantize_codes
 from moe_ao.tensors.packing import pack_codes, packed_size, unpack_codes
@@ -205,12 +206,15 @@ def _linear(func, types, args, kwargs):
         raise NotImplementedError(f"PackedWeight: F.linear needs a 2D packed weight, got {type(w).__name__}")
     if isinstance(x, PackedWeight) or isinstance(bias, PackedWeight):
         raise NotImplementedError("PackedWeight: F.linear with a packed input or bias")
-    if kernel_ok(x, w, x.numel() // x.shape[-1]):
-        # Decode on CPU: a kernel reads the packed codes directly (no dense weight).
+    # Decode and small batches: a kernel reads the packed codes directly (no dense weight).
+    rows = x.numel() // x.shape[-1]
+    if triton_packed.triton_ok(x, w, rows):  # CUDA
+        out = triton_packed.packed_linear(x, w)
+    elif kernel_ok(x, w, rows):  # CPU
         out = packed_linear(x, w)
-        return out if bias is None else out + bias
-    # The dequantize-then-matmul reference path.
-    return F.linear(x, w.dequantize(), bias)
+    else:  # the dequantize-then-matmul reference path
+        return F.linear(x, w.dequantize(), bias)
+    return out if bias is None else out + bias
 
 
 @implements(_aten.index.Tensor)
