@@ -34,7 +34,6 @@ import logging
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -50,7 +49,7 @@ from paper_findings import findings_md, fmt  # noqa: E402
 from moe_ao import models  # noqa: E402
 from moe_ao.calibration import load_calibration, load_eval_tokens  # noqa: E402
 from moe_ao.eval.metrics import compare, eval_windows, logprobs  # noqa: E402
-from moe_ao.planner import heuristics, measure_sensitivities, plan  # noqa: E402
+from moe_ao.planner import measure_sensitivities, plan  # noqa: E402
 from moe_ao.profiling import profile  # noqa: E402
 
 logger = logging.getLogger("paper_table")
@@ -174,26 +173,6 @@ def file_hash(path: Path) -> str:
 
 def _sha(obj: Any) -> str:  # of a string, or of a JSON-able object in canonical form
     return hashlib.sha256((obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True)).encode()).hexdigest()
-
-
-@contextmanager
-def memoized_block_scores():
-    """Trains each block predictor once per (profile, layers, config, seed): ``layerisp`` and
-    ``combination`` (and their budgeted variants) retrain the same ones inside ``plan()``,
-    ~40 s each on one core. The scores are a pure function of those inputs."""
-    original, memo = heuristics.block_scores, {}
-
-    def cached(stats, layers=None, config=None, seed=0):
-        key = (id(stats), tuple(layers or ()), config, seed)
-        if key not in memo:
-            memo[key] = original(stats, layers, config, seed)
-        return memo[key]
-
-    heuristics.block_scores = cached
-    try:
-        yield
-    finally:
-        heuristics.block_scores = original
 
 
 class ModelRun:
@@ -434,18 +413,17 @@ def run_model(name: str, args: argparse.Namespace, cache_dir: Path) -> tuple[lis
     cells = [c for c in grid(run.facts, run.units, args.seeds, args.budgets) if want is None
              or c.experiment in want or (c.strategy in want and c.strategy not in EXPERIMENTS)]
     rows, counts = [], {"cells": len(cells), "ran": 0, "cached": 0, "infeasible": 0}
-    with memoized_block_scores():
-        for i, cell in enumerate(cells, 1):
-            t = time.perf_counter()
-            row = run_cell(run, cell, cache_dir, args.dry_run)
-            rows.append(row)
-            state = ("infeasible" if "error" in row else "cached" if row.get("cached")
-                     else "planned" if args.dry_run else "ran")
-            counts[state] = counts.get(state, 0) + 1
-            kl = f"KL {row['kl']:.4f}" if "kl" in row else row.get("error", "")[:90]
-            logger.info("[%s %d/%d] %-45s seed %-3d %s %.3f b  %s  (%.1f s)", run.tag, i, len(cells),
-                        cell.label.strip(), cell.seed, state, row.get("avg_bits", float("nan")), kl,
-                        time.perf_counter() - t)
+    for i, cell in enumerate(cells, 1):
+        t = time.perf_counter()
+        row = run_cell(run, cell, cache_dir, args.dry_run)
+        rows.append(row)
+        state = ("infeasible" if "error" in row else "cached" if row.get("cached")
+                 else "planned" if args.dry_run else "ran")
+        counts[state] = counts.get(state, 0) + 1
+        kl = f"KL {row['kl']:.4f}" if "kl" in row else row.get("error", "")[:90]
+        logger.info("[%s %d/%d] %-45s seed %-3d %s %.3f b  %s  (%.1f s)", run.tag, i, len(cells),
+                    cell.label.strip(), cell.seed, state, row.get("avg_bits", float("nan")), kl,
+                    time.perf_counter() - t)
     table = aggregate(rows)
     out = Path(f"{args.out}_{run.tag}")
     if not args.dry_run:

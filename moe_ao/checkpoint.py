@@ -5,7 +5,7 @@ Layout of a checkpoint directory::
     config.json            the model config (transformers)
     model.safetensors      plain tensors by FQN; packed tensors as "<fqn>::<inner>"
     moe_ao.json            format version, packed tensor attributes, report, tied weights
-    plan.json              the Plan (moe_ao.plan format)
+    plan.json              the Plan (the "moe_ao.plan" JSON format, moe_ao.plans)
     tokenizer files        when a tokenizer is given
 
 Everything is written to a temporary sibling directory that is renamed into place
@@ -28,7 +28,7 @@ from torch import nn
 
 from moe_ao import experts as experts_impl
 from moe_ao.api import PLAN_ATTR, REPORT_ATTR, QuantizationReport, swap_in
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.tensors.packed import PackedWeight
 
 FORMAT = "moe_ao.checkpoint"

@@ -185,7 +185,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from moe_ao.api import quantize_
     from moe_ao.calibration import load_calibration
     from moe_ao.checkpoint import save_quantized
-    from moe_ao.plan import Plan
+    from moe_ao.plans import Plan
 
     model, tok = models.load(args.model)
     plan = Plan.from_json(args.plan)

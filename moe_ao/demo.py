@@ -22,7 +22,7 @@ from moe_ao.api import quantization_report, quantize_
 from moe_ao.calibration import load_calibration, load_eval_tokens
 from moe_ao.checkpoint import load_quantized, save_quantized
 from moe_ao.eval.metrics import compare, eval_windows, logprobs
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.report import memory_report
 
 logger = logging.getLogger(__name__)

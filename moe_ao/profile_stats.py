@@ -46,6 +46,9 @@ class Profile:
     sensitivity_setup: dict[str, Any] = field(default_factory=dict)
     tokens: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    # Results derived from the fields above (trained block predictors), kept for the
+    # Profile's lifetime and never saved: planning several budgets trains them once.
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def expert_frequency(self, layer: int) -> torch.Tensor:
         """Share of top-k selections per expert of ``layer`` (sums to 1)."""
@@ -53,7 +56,7 @@ class Profile:
         return counts / counts.sum().clamp_min(1)
 
     def save(self, path: str) -> None:
-        torch.save(self.__dict__, path)
+        torch.save({k: v for k, v in self.__dict__.items() if k != "_memo"}, path)
 
     @classmethod
     def load(cls, path: str) -> Profile:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import moe_ao
 from moe_ao import experts as experts_impl
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.quant.primitives import rtn_quantize
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import unit_weight

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import moe_ao
 from moe_ao import checkpoint as ckpt
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.tensors.packed import PackedWeight
 
 FILES = {"model.safetensors", "plan.json", "moe_ao.json", "config.json"}

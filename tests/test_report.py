@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 import moe_ao
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 
 SLOT_BYTES = 3 * 4  # one int32 row (bits, buffer row, concat row) per slice
 

@@ -8,7 +8,7 @@ steps: its linears in model order) and stops at the prefix whose average bits is
 closest to the budget, so the error is at most one unit's share of bits.
 
 Average bits follow the paper: Σ bits·params / Σ params over the planned linears,
-routers excluded (see :meth:`moe_ao.plan.Plan.avg_bits`).
+routers excluded (see :meth:`moe_ao.plans.Plan.avg_bits`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.planner.combine import DEFAULT_RULES
 from moe_ao.planner.strategies import plan
 from moe_ao.units import Unit

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_ao.plan import ALLOWED_BITS
+from moe_ao.plans import ALLOWED_BITS
 from moe_ao.profile_stats import Profile
 from moe_ao.units import KINDS, Unit, unit_weight
 

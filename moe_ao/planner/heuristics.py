@@ -162,19 +162,31 @@ def _default_blocks(ctx: Context, k: int | None, per_32: int) -> int:
     return max(1, round(per_32 * len(ctx.moe_layers()) / 32)) if k is None else k
 
 
+def _edge_blocks(ctx: Context, layers: list[int], k: int | None) -> int:
+    """k for first-k / last-k walking ``layers`` from one end: given, or by default 4 per 32
+    MoE blocks *plus* the dense blocks met before the first MoE one (DeepSeek's dense layer
+    0), so that the default raises that many MoE blocks rather than spending one step on a
+    dense MLP the experts-low base already holds at 4 bits."""
+    if k is not None:
+        return _check_count("k", k, len(layers))
+    moe = set(ctx.moe_layers())
+    lead = next((i for i, layer in enumerate(layers) if layer in moe), len(layers))
+    return min(len(layers), lead + _default_blocks(ctx, None, 4))
+
+
 def first_k(ctx: Context, k: int | None = None, bits: int = 4) -> Rule:
-    """All FFN units of blocks 0 .. k-1 (+FirstL). k defaults to 4 per 32 MoE blocks."""
+    """All FFN units of blocks 0 .. k-1 (+FirstL); see :func:`_edge_blocks` for the default k."""
     check_bits(bits)
     layers = list(ctx.by_layer(*FFN_KINDS))
-    k = _check_count("k", _default_blocks(ctx, k, 4), len(layers))
+    k = _edge_blocks(ctx, layers, k)
     return Rule(_block_upgrades(ctx, layers, bits), k, {"k": k, "blocks": layers[:k]})
 
 
 def last_k(ctx: Context, k: int | None = None, bits: int = 4) -> Rule:
-    """All FFN units of the last k blocks. k defaults to 4 per 32 MoE blocks."""
+    """All FFN units of the last k blocks; see :func:`_edge_blocks` for the default k."""
     check_bits(bits)
     layers = list(ctx.by_layer(*FFN_KINDS))[::-1]
-    k = _check_count("k", _default_blocks(ctx, k, 4), len(layers))
+    k = _edge_blocks(ctx, layers, k)
     return Rule(_block_upgrades(ctx, layers, bits), k, {"k": k, "blocks": layers[:k]})
 
 

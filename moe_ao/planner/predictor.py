@@ -179,7 +179,8 @@ def block_scores(
         seed: base seed (block l uses a generator seeded from (seed, l)).
 
     Returns:
-        layer -> BlockScore, layers ascending.
+        layer -> BlockScore, layers ascending. Each block is trained once per Profile,
+        config and seed (remembered on the Profile, not saved).
 
     Raises:
         ValueError: a requested layer lacks block inputs or cosines.
@@ -193,9 +194,12 @@ def block_scores(
                 f"layer {layer}: stats needs block_inputs and block_cos; have inputs for"
                 f" {sorted(stats.block_inputs)} and cosines for {sorted(stats.block_cos)}"
             )
-        _, out[layer] = train_block_predictor(
-            stats.block_inputs[layer], stats.block_cos[layer], config, seed=seed * 100_003 + layer, layer=layer
-        )
+        key = ("block_score", layer, config, seed)  # a pure function of these and the layer's data
+        if key not in stats._memo:
+            _, stats._memo[key] = train_block_predictor(
+                stats.block_inputs[layer], stats.block_cos[layer], config, seed=seed * 100_003 + layer, layer=layer
+            )
+        out[layer] = stats._memo[key]
     return out
 
 

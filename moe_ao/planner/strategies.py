@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from moe_ao.plan import Plan, QuantSpec
+from moe_ao.plans import Plan, QuantSpec
 from moe_ao.planner import heuristics as H
 from moe_ao.planner.budget import accounting_weights, apply, fit_budget
 from moe_ao.planner.combine import combination

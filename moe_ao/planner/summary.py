@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.units import Unit, as_units
 
 COLUMN_KINDS = ("attention", "expert", "shared_expert", "dense_mlp")

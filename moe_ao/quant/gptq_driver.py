@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.quant.assemble import pack_param, record_units, units_by_param
 from moe_ao.quant.gptq import gptq_quantize
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer

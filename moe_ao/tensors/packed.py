@@ -34,7 +34,7 @@ from torchao.utils import TorchAOBaseTensor
 from moe_ao.kernels import triton_packed
 from moe_ao.kernels.cpu_packed import kernel_ok, packed_linear
 from moe_ao.quant.primitives import QuantizedWeight, dequantize_codes
-from moe_ao.tensors.packing import pack_codes, packed_size, unpack_codes
+from moe_ao.tensors.packing import pack_codes, unpack_codes
 
 __all__ = ["PackedWeight"]
 

@@ -160,6 +160,15 @@ def test_first_k_default_scales_with_depth(model):
     assert p.meta["details"]["k"] == 1
 
 
+def test_first_k_default_counts_moe_blocks_past_a_dense_layer_0(model):
+    m = model("qwen2_moe")  # layer 0 dense, layers 1-2 MoE
+    first = plan(m, "first-k", group_size=GS)
+    assert first.meta["details"]["blocks"] == [0, 1]  # dense layer 0 plus one MoE block
+    assert raised_experts(first, m) == {(1, e) for e in range(6)}
+    last = plan(m, "last-k", group_size=GS)
+    assert last.meta["details"]["blocks"] == [2] and raised_experts(last, m) == {(2, e) for e in range(6)}
+
+
 def test_blocks_random(model):
     m = model("deepseek_moe")
     p = plan(m, "blocks-random", k=1, seed=3, group_size=GS)

@@ -59,6 +59,21 @@ def test_ranking_picks_lowest_cos_blocks():
     assert all(s.val_mse < 0.02 for s in scores.values())  # vs 0.06 variance of the block offsets
 
 
+def test_scores_are_trained_once_per_profile_and_not_saved(monkeypatch, tmp_path):
+    prof = Profile()
+    x, y = linear_task(n=64)
+    prof.block_inputs[0], prof.block_cos[0] = x.half(), y
+    first = block_scores(prof, config=FAST, seed=1)
+    import moe_ao.planner.predictor as predictor
+
+    monkeypatch.setattr(predictor, "train_block_predictor", lambda *a, **k: pytest.fail("retrained"))
+    assert block_scores(prof, config=FAST, seed=1) == first
+    with pytest.raises(pytest.fail.Exception, match="retrained"):
+        block_scores(prof, config=FAST, seed=2)  # another seed is another result
+    prof.save(str(tmp_path / "p.pt"))
+    assert Profile.load(str(tmp_path / "p.pt"))._memo == {}
+
+
 def test_errors():
     with pytest.raises(ValueError, match="val_fraction=1.0; allowed: 0 < val_fraction < 1"):
         PredictorConfig(val_fraction=1.0)

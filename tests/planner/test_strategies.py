@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.planner import STRATEGIES, parse_params, plan, strategy_help, strategy_names
 from moe_ao.units import units
 

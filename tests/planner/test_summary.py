@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from moe_ao.plan import Plan
+from moe_ao.plans import Plan
 from moe_ao.planner import heatmap, plan, summarize
 from moe_ao.planner.summary import expert_grid
 from moe_ao.units import units

@@ -1,4 +1,4 @@
-"""moe_ao.plan: plans as data (JSON round trip), validation errors, bit accounting."""
+"""moe_ao.plans: plans as data (JSON round trip), validation errors, bit accounting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import archs
 import pytest
 
 import moe_ao
-from moe_ao.plan import ALLOWED_BITS, Plan, QuantSpec
+from moe_ao.plans import ALLOWED_BITS, Plan, QuantSpec
 
 EXPERT = "model.layers.0.mlp.experts.{}.{}"
 
