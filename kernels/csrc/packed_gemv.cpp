@@ -1,23 +1,27 @@
 // Mixed-bit GEMV / small-batch GEMM over moe_ao PackedWeight buffers, on CPU.
 //
 // Legend: M x rows, K in features, Kb packed bytes per row, R rows per slice, G groups per
-// row, lane = one of 16 vector lanes, CPL = codes per lane, block = 16 lanes of codes.
+// row, lane = one of LANES vector lanes (16 with AVX-512, else 8), CPL = codes per lane,
+// block = LANES lanes of codes.
 //
 // A plain C ABI with no torch headers, so it compiles in about a second; kernels/cpu_packed.py
 // calls it through ctypes and wraps it in torch custom ops. Portable GCC vector extensions
-// (16 x fp32): -march=native lowers them to AVX-512 (or pairs of AVX2 registers, or NEON).
+// of one machine register (-march=native): 16 x fp32 with AVX-512, 8 x fp32 otherwise
+// (AVX2, or a pair of NEON registers). Emulating 16 lanes on AVX2 would split every
+// variable shuffle into scalar code (measured 10x slower on an AVX2-only EPYC).
 //
 // The sum never materialises dequantized weights:
 //     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j)
 // accumulated in fp32. Bit layout (moe_ao/tensors/packing.py): each run of 8 codes is
 // `bits` bytes, code j of the run at bit offset bits*j of the little-endian word.
 //
-// Unpacking: lane i of a 16-lane block holds one 32-bit word of codes (b = 2, 4, 8: the
-// word at byte 4i; b = 3: the 24-bit run at byte 3i), so code j of every lane sits at bit
-// b*j. For b < 8 one shift right by b*j and a 16-entry table lookup (vpermps, which
-// reads only the low 4 index bits: no mask) give the codes as fp32; for b = 8 the code
-// is masked in place, w & (255 << 8j) = q * 2^(8j), converted exactly, and multiplied by
-// x pre-scaled by 2^(-8j) (a power of two: exact). Then one FMA per 16 codes. x is
+// Unpacking: lane i of a block holds one 32-bit word of codes (b = 2, 4, 8: the word at
+// byte 4i; b = 3: the 24-bit run at byte 3i), so code j of every lane sits at bit b*j.
+// For b < 8 a shift right by b*j, then with AVX-512 a 16-entry table lookup (vpermps,
+// which reads only the low 4 index bits: no mask), else a mask and an int->fp32
+// conversion, give the codes as fp32; for b = 8 the codes below the top byte are masked
+// in place, w & (255 << 8j) = q * 2^(8j), converted exactly, and multiplied by x
+// pre-scaled by 2^(-8j) (a power of two: exact). Then one FMA per LANES codes. x is
 // permuted once per call into that lane order (xp); the weights are only ever read.
 
 #include <omp.h>
@@ -32,14 +36,18 @@
 
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint8_t u8x64 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef _Float16 f16x16 __attribute__((vector_size(32)));
-
+#if defined(__AVX512F__)
 constexpr int LANES = 16;
+#else
+constexpr int LANES = 8;
+#endif
+constexpr int VB = 4 * LANES;  // bytes of one fp32 vector
+typedef float vf __attribute__((vector_size(VB)));
+typedef uint32_t vu __attribute__((vector_size(VB)));
+typedef int32_t vi __attribute__((vector_size(VB)));
+typedef uint8_t vb __attribute__((vector_size(VB)));
+typedef uint16_t vh __attribute__((vector_size(VB / 2)));
+typedef _Float16 vhf __attribute__((vector_size(VB / 2)));
 constexpr int MAX_MT = 4;     // x rows sharing one pass over the weights (3*MT vector accumulators)
 constexpr int64_t TILE = 16;  // output rows per OpenMP work item: a few us, so dynamic scheduling is cheap
 // Software prefetch distance along the codes: about one 4-bit row of K = 4096 ahead. The
@@ -52,10 +60,10 @@ constexpr int WIDTHS[N_WIDTHS] = {2, 3, 4, 8, 16};
 enum DType { F32 = 0, BF16 = 1, F16 = 2 };
 
 template <int BITS> struct Layout;
-template <> struct Layout<2> { static constexpr int CPL = 16, BLOCK_BYTES = 64; };
-template <> struct Layout<3> { static constexpr int CPL = 8, BLOCK_BYTES = 48; };
-template <> struct Layout<4> { static constexpr int CPL = 8, BLOCK_BYTES = 64; };
-template <> struct Layout<8> { static constexpr int CPL = 4, BLOCK_BYTES = 64; };
+template <> struct Layout<2> { static constexpr int CPL = 16, BLOCK_BYTES = VB; };
+template <> struct Layout<3> { static constexpr int CPL = 8, BLOCK_BYTES = 3 * LANES; };
+template <> struct Layout<4> { static constexpr int CPL = 8, BLOCK_BYTES = VB; };
+template <> struct Layout<8> { static constexpr int CPL = 4, BLOCK_BYTES = VB; };
 
 int width_index(int bits) {
   for (int i = 0; i < N_WIDTHS; ++i)
@@ -65,37 +73,37 @@ int width_index(int bits) {
 
 int codes_per_lane(int bits) { return bits == 2 ? 16 : bits == 8 ? 4 : 8; }
 
-inline f32x16 load_f32(const float* p) {
-  f32x16 v;
+inline vf load_f32(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline float hsum(f32x16 v) {  // a tree: 4 dependent adds, not 15
-  v += __builtin_shuffle(v, i32x16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, i32x16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v += __builtin_shuffle(v, i32x16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  v += __builtin_shuffle(v, i32x16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  return v[0];
+inline float hsum(vf v) {  // a tree: log2(LANES) dependent adds, not LANES - 1
+  float a[LANES];
+  std::memcpy(a, &v, sizeof v);
+  for (int w = LANES / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
 }
 
-// 16 values of a 16-bit or 32-bit float array as fp32.
-template <int DT> inline f32x16 load16(const void* p, int64_t i);
-template <> inline f32x16 load16<F32>(const void* p, int64_t i) {
+// LANES values of a 16-bit or 32-bit float array as fp32.
+template <int DT> inline vf loadv(const void* p, int64_t i);
+template <> inline vf loadv<F32>(const void* p, int64_t i) {
   return load_f32(static_cast<const float*>(p) + i);
 }
-template <> inline f32x16 load16<BF16>(const void* p, int64_t i) {
-  u16x16 h;
+template <> inline vf loadv<BF16>(const void* p, int64_t i) {
+  vh h;
   std::memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
-  u32x16 w = __builtin_convertvector(h, u32x16) << 16;  // bf16 is the top half of an fp32
-  f32x16 v;
+  vu w = __builtin_convertvector(h, vu) << 16;  // bf16 is the top half of an fp32
+  vf v;
   std::memcpy(&v, &w, sizeof v);
   return v;
 }
-template <> inline f32x16 load16<F16>(const void* p, int64_t i) {
-  f16x16 h;
+template <> inline vf loadv<F16>(const void* p, int64_t i) {
+  vhf h;
   std::memcpy(&h, static_cast<const _Float16*>(p) + i, sizeof h);
-  return __builtin_convertvector(h, f32x16);
+  return __builtin_convertvector(h, vf);
 }
 
 template <int DT> inline float load1(const void* p, int64_t i);
@@ -112,7 +120,7 @@ template <> inline float load1<F16>(const void* p, int64_t i) { return float(sta
 template <int DT> void to_f32(const void* src, int64_t n, float* dst, int64_t padded) {
   int64_t i = 0;
   for (; i + LANES <= n; i += LANES) {
-    f32x16 v = load16<DT>(src, i);
+    vf v = loadv<DT>(src, i);
     std::memcpy(dst + i, &v, sizeof v);
   }
   for (; i < n; ++i) dst[i] = load1<DT>(src, i);
@@ -126,13 +134,16 @@ void scales_to_f32(int dt, const void* src, int64_t n, float* dst, int64_t padde
 }
 
 // ---------------------------------------------------------------------------- x setup
-// xp[blk][j][i] = x[blk*16*CPL + CPL*i + j] (times 2^(-8j) for 8 bits): lane order of the codes.
+// The factor code<BITS>(w, j) leaves on q_j, undone on x: 2^(-8j) for the in-place 8-bit codes.
+float x_scale(int bits, int j) { return bits == 8 && j < 3 ? std::ldexp(1.f, -8 * j) : 1.f; }
+
+// xp[blk][j][i] = x[blk*LANES*CPL + CPL*i + j] * x_scale(bits, j): the lane order of the codes.
 void permute_x(const float* x, int64_t K, int bits, int64_t nblk, float* xp) {
   const int cpl = codes_per_lane(bits);
   for (int64_t blk = 0; blk < nblk; ++blk)
     for (int j = 0; j < cpl; ++j) {
       float* dst = xp + (blk * cpl + j) * LANES;
-      const float scale = bits == 8 ? std::ldexp(1.f, -8 * j) : 1.f;  // a power of two: exact
+      const float scale = x_scale(bits, j);  // a power of two: exact
       for (int i = 0; i < LANES; ++i) {
         const int64_t k = blk * LANES * cpl + int64_t(cpl) * i + j;
         dst[i] = k < K ? x[k] * scale : 0.f;
@@ -159,7 +170,7 @@ int64_t n_blocks(int64_t K, int bits) {
 struct ScaleMap {
   enum Mode { BROADCAST, PERMUTE, GENERAL } mode;
   int64_t groups_per_block = 0;
-  i32x16 pattern = {};
+  vi pattern = {};
   std::vector<int32_t> group;  // BROADCAST: group of each block; GENERAL: group of each lane
 
   ScaleMap(int bits, int64_t gs, int64_t nblk) {
@@ -178,57 +189,69 @@ struct ScaleMap {
   }
 
   // srow: fp32 scales of one row, zero-padded by 16 (tail lanes may point past G).
-  inline f32x16 load(const float* srow, int64_t blk) const {
-    if (mode == BROADCAST) return f32x16{} + srow[group[size_t(blk)]];
+  inline vf load(const float* srow, int64_t blk) const {
+    if (mode == BROADCAST) return vf{} + srow[group[size_t(blk)]];
     if (mode == PERMUTE) return __builtin_shuffle(load_f32(srow + blk * groups_per_block), pattern);
-    f32x16 v;
+    vf v;
     for (int i = 0; i < LANES; ++i) v[i] = srow[group[size_t(blk * LANES + i)]];
     return v;
   }
 };
 
-// The 16 lane words of one block, for a block that may read 64 bytes from p.
-template <int BITS> inline u32x16 lane_words(const uint8_t* p) {
-  u8x64 raw;
+// The LANES lane words of one block, for a block that may read VB bytes from p.
+template <int BITS> inline vu lane_words(const uint8_t* p) {
+  vb raw;
   std::memcpy(&raw, p, sizeof raw);
   if constexpr (BITS == 3) {
     // lane i <- bytes 3i, 3i+1, 3i+2; its top byte is junk that every code mask clears.
-    const u8x64 idx = {0,  1,  2,  0, 3,  4,  5,  0, 6,  7,  8,  0, 9,  10, 11, 0,
-                       12, 13, 14, 0, 15, 16, 17, 0, 18, 19, 20, 0, 21, 22, 23, 0,
-                       24, 25, 26, 0, 27, 28, 29, 0, 30, 31, 32, 0, 33, 34, 35, 0,
-                       36, 37, 38, 0, 39, 40, 41, 0, 42, 43, 44, 0, 45, 46, 47, 0};
+#if defined(__AVX512F__)
+    const vb idx = {0,  1,  2,  0, 3,  4,  5,  0, 6,  7,  8,  0, 9,  10, 11, 0,
+                    12, 13, 14, 0, 15, 16, 17, 0, 18, 19, 20, 0, 21, 22, 23, 0,
+                    24, 25, 26, 0, 27, 28, 29, 0, 30, 31, 32, 0, 33, 34, 35, 0,
+                    36, 37, 38, 0, 39, 40, 41, 0, 42, 43, 44, 0, 45, 46, 47, 0};
+#else
+    const vb idx = {0,  1,  2,  0, 3,  4,  5,  0, 6,  7,  8,  0, 9,  10, 11, 0,
+                    12, 13, 14, 0, 15, 16, 17, 0, 18, 19, 20, 0, 21, 22, 23, 0};
+#endif
     raw = __builtin_shuffle(raw, idx);
   }
-  u32x16 w;
+  vu w;
   std::memcpy(&w, &raw, sizeof w);
   return w;
 }
 
-// Code j of every lane as fp32. b < 8: a 16-entry table lookup (vpermps) on the lane
-// shifted right by b*j: the lookup reads only the low 4 bits, so no mask is needed.
-// b = 8: masked in place and converted, q_j * 2^(8j) exactly (xp holds x * 2^(-8j)).
-template <int BITS> inline f32x16 code(u32x16 w, int j) {
+// Code j of every lane as fp32. b < 8: the lane shifted right by b*j, then with AVX-512 a
+// 16-entry table lookup (vpermps reads only the low 4 index bits, so no mask is needed),
+// else masked and converted. b = 8, j < 3: masked in place and converted, q_j * 2^(8j)
+// exactly (xp holds x * 2^(-8j)); the top byte (j = 3) is shifted down instead, since in
+// place it would make the signed int->fp32 conversion negative (AVX2 has no unsigned one).
+template <int BITS> inline vf code(vu w, int j) {
   if constexpr (BITS == 8) {
-    return __builtin_convertvector(w & (0xFFu << (8 * j)), f32x16);
+    if (j == 3) return __builtin_convertvector((vi)(w >> 24), vf);
+    return __builtin_convertvector((vi)(w & (0xFFu << (8 * j))), vf);
   } else {
-    constexpr int M = (1 << BITS) - 1;  // the table maps the low 4 bits to the low b bits
-    const f32x16 table = {0, 1 & M, 2 & M, 3 & M, 4 & M, 5 & M, 6 & M, 7 & M,
-                          8 & M, 9 & M, 10 & M, 11 & M, 12 & M, 13 & M, 14 & M, 15 & M};
-    return __builtin_shuffle(table, (i32x16)(w >> (BITS * j)));
+    constexpr int M = (1 << BITS) - 1;
+#if defined(__AVX512F__)
+    const vf table = {0, 1 & M, 2 & M, 3 & M, 4 & M, 5 & M, 6 & M, 7 & M,  // low 4 bits -> low b bits
+                      8 & M, 9 & M, 10 & M, 11 & M, 12 & M, 13 & M, 14 & M, 15 & M};
+    return __builtin_shuffle(table, (vi)(w >> (BITS * j)));
+#else
+    return __builtin_convertvector((vi)((w >> (BITS * j)) & M), vf);
+#endif
   }
 }
 
 // part[t] = sum_j q_j x_t[j] over one block; two chains per x row hide FMA latency.
 template <int BITS, int MT>
-inline void block_dot(u32x16 w, const float* const* xp, int64_t blk, f32x16 (&part)[MT]) {
+inline void block_dot(vu w, const float* const* xp, int64_t blk, vf (&part)[MT]) {
   constexpr int CPL = Layout<BITS>::CPL;
-  f32x16 odd[MT];
-  for (int t = 0; t < MT; ++t) part[t] = odd[t] = f32x16{};
+  vf odd[MT];
+  for (int t = 0; t < MT; ++t) part[t] = odd[t] = vf{};
 #pragma GCC unroll 16
   for (int j = 0; j < CPL; ++j) {
-    const f32x16 qj = code<BITS>(w, j);
+    const vf qj = code<BITS>(w, j);
     for (int t = 0; t < MT; ++t) {
-      const f32x16 xv = load_f32(xp[t] + (blk * CPL + j) * LANES);
+      const vf xv = load_f32(xp[t] + (blk * CPL + j) * LANES);
       if (j % 2) odd[t] += qj * xv;
       else part[t] += qj * xv;
     }
@@ -239,25 +262,25 @@ inline void block_dot(u32x16 w, const float* const* xp, int64_t blk, f32x16 (&pa
 // dots[t] = sum_j s_g(j) q_j x_t[j] - sum of zterm[t]'s lanes, for one packed row.
 template <int BITS, int MT>
 void dot_row(const uint8_t* q, int64_t Kb, const uint8_t* qend, const float* const* xp, int64_t nblk,
-             const float* srow, const ScaleMap& sm, const f32x16* zterm, float* dots) {
+             const float* srow, const ScaleMap& sm, const vf* zterm, float* dots) {
   constexpr int BB = Layout<BITS>::BLOCK_BYTES;
-  f32x16 acc[MT], part[MT];
+  vf acc[MT], part[MT];
   for (int t = 0; t < MT; ++t) acc[t] = -zterm[t];
-  // Blocks that may load 64 bytes: whole blocks, less (3 bits: 48-byte blocks) one whose
-  // 64-byte load would run past the end of the buffer.
+  // Blocks that may load VB bytes: whole blocks, less (3 bits: 3/4 VB blocks) one whose
+  // VB-byte load would run past the end of the buffer.
   int64_t fast = Kb / BB;
-  if (BB < 64 && fast > 0 && q + (fast - 1) * BB + 64 > qend) --fast;
+  if (BB < VB && fast > 0 && q + (fast - 1) * BB + VB > qend) --fast;
   for (int64_t blk = 0; blk < fast; ++blk) {
     __builtin_prefetch(q + blk * BB + PREFETCH_BYTES, 0, 3);
     block_dot<BITS, MT>(lane_words<BITS>(q + blk * BB), xp, blk, part);
-    const f32x16 s = sm.load(srow, blk);
+    const vf s = sm.load(srow, blk);
     for (int t = 0; t < MT; ++t) acc[t] += s * part[t];
   }
   for (int64_t blk = fast; blk < nblk; ++blk) {  // the row's tail: copy, zero-padded
-    uint8_t tail[64] = {};
+    uint8_t tail[VB] = {};
     std::memcpy(tail, q + blk * BB, size_t(std::min<int64_t>(BB, Kb - blk * BB)));
     block_dot<BITS, MT>(lane_words<BITS>(tail), xp, blk, part);
-    const f32x16 s = sm.load(srow, blk);
+    const vf s = sm.load(srow, blk);
     for (int t = 0; t < MT; ++t) acc[t] += s * part[t];
   }
   for (int t = 0; t < MT; ++t) dots[t] = hsum(acc[t]);
@@ -265,11 +288,11 @@ void dot_row(const uint8_t* q, int64_t Kb, const uint8_t* qend, const float* con
 
 template <int DT, int MT>
 void dense_row(const void* wrow, int64_t K, const float* const* x, float* dots) {
-  f32x16 acc[MT];
-  for (int t = 0; t < MT; ++t) acc[t] = f32x16{};
+  vf acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = vf{};
   int64_t k = 0;
   for (; k + LANES <= K; k += LANES) {
-    const f32x16 wv = load16<DT>(wrow, k);
+    const vf wv = loadv<DT>(wrow, k);
     for (int t = 0; t < MT; ++t) acc[t] += wv * load_f32(x[t] + k);
   }
   for (int t = 0; t < MT; ++t) {
@@ -319,7 +342,7 @@ struct Problem {
 };
 
 template <int BITS, int MT>
-void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow, const f32x16* zterm,
+void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow, const vf* zterm,
                    const ScaleMap& sm, int first) {
   const int wi = width_index(BITS);
   const Buffers& B = P.buf[wi];
@@ -335,7 +358,7 @@ void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow
 
 // One packed row times all the task's x rows, MAX_MT x rows per pass over the row.
 template <int BITS>
-void quant_row_chunks(const Problem& P, const Task& t, int64_t r, const float* srow, const f32x16* zterm,
+void quant_row_chunks(const Problem& P, const Task& t, int64_t r, const float* srow, const vf* zterm,
                       const ScaleMap& sm) {
   int first = 0;
   for (; first + MAX_MT <= t.nrows; first += MAX_MT) quant_rows_mt<BITS, MAX_MT>(P, t, r, srow, zterm, sm, first);
@@ -349,7 +372,7 @@ void quant_row_chunks(const Problem& P, const Task& t, int64_t r, const float* s
 
 template <int BITS>
 void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
-                std::vector<f32x16>& zterm) {
+                std::vector<vf>& zterm) {
   const Buffers& B = P.buf[width_index(BITS)];
   const ScaleMap sm(BITS, P.gs, n_blocks(P.K, BITS));
   const float zsym = float(1 << (BITS - 1));
@@ -369,7 +392,7 @@ void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::ve
     }
     for (int i = 0; i < t.nrows; ++i) {
       const float* xs = P.xsum.data() + t.rows[i] * P.G16;
-      f32x16 a = f32x16{};
+      vf a = vf{};
       for (int64_t g = 0; g < P.G16; g += LANES) a += load_f32(sz + g) * load_f32(xs + g);
       zterm[size_t(i)] = B.z ? a : a * zsym;  // reduced together with the row's dot product
     }
@@ -403,7 +426,7 @@ void dense_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1) {
 }
 
 void run_tile(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
-              std::vector<f32x16>& zterm) {
+              std::vector<vf>& zterm) {
   switch (t.bits) {
     case 2: quant_rows<2>(P, t, r0, r1, sbuf, zterm); break;
     case 3: quant_rows<3>(P, t, r0, r1, sbuf, zterm); break;
@@ -503,7 +526,7 @@ extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int6
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> sbuf(size_t(2 * (P.G16 + LANES)), 0.f);
-    std::vector<f32x16> zterm(static_cast<size_t>(M));
+    std::vector<vf> zterm(static_cast<size_t>(M));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_items; ++item) {
       const Task& t = tasks[size_t(item / tiles_per_task)];
