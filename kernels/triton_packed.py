@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from moe_ao.kernels.cpu_packed import BUFFER_NAMES
+from moe_ao.kernels.cpu_packed import BUFFER_NAMES, device_and_dtype
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight
@@ -137,7 +137,7 @@ def triton_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
     """
     return (
         x.device.type == "cuda"
-        and w.device.type == "cuda"
+        and device_and_dtype(w)[0] == "cuda"
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and 1 <= rows <= MAX_ROWS
         and not (x.requires_grad and torch.is_grad_enabled())

@@ -115,16 +115,17 @@ def test_ops_pass_opcheck_and_compile_fullgraph():
 def test_dispatch_rule_is_cuda_and_inference_only(monkeypatch):
     w, _, _ = mixed_bank(2, 1, 8, 32, 32, True, torch.float32)
     assert not triton_ok(torch.randn(1, 32), w, 1)  # CPU tensors: the C++ kernel or the reference serve them
-    # The rule reads only device, dtype and requires_grad: stand-ins play CUDA tensors.
+    # The rule reads only devices, dtypes and requires_grad: stand-ins play CUDA tensors.
     cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, requires_grad=False)
+    packed = SimpleNamespace(slot=cuda, s2=cuda, s3=None, s4=None, s8=None, d16=None)
     monkeypatch.setattr(triton_packed, "available", lambda: True)
-    assert triton_ok(cuda, cuda, 1)
-    assert not triton_ok(cuda, cuda, triton_packed.MAX_ROWS + 1)  # prefill: dequantize + cuBLAS
-    assert not triton_ok(SimpleNamespace(**{**vars(cuda), "dtype": torch.int8}), cuda, 1)
+    assert triton_ok(cuda, packed, 1)
+    assert not triton_ok(cuda, packed, triton_packed.MAX_ROWS + 1)  # prefill: dequantize + cuBLAS
+    assert not triton_ok(SimpleNamespace(**{**vars(cuda), "dtype": torch.int8}), packed, 1)
     with torch.enable_grad():
-        assert not triton_ok(SimpleNamespace(**{**vars(cuda), "requires_grad": True}), cuda, 1)
+        assert not triton_ok(SimpleNamespace(**{**vars(cuda), "requires_grad": True}), packed, 1)
     monkeypatch.setenv(triton_packed.DISABLE_ENV, "1")
-    assert not triton_ok(cuda, cuda, 1)
+    assert not triton_ok(cuda, packed, 1)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the dispatch needs no stand-in")
