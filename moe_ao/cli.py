@@ -23,6 +23,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default=d.strategy, help="planner strategy (see `moe-ao plan --help`)")
     p.add_argument("--budget", type=float, default=d.budget, help="average bits (paper accounting)")
     p.add_argument("--group-size", type=int, default=d.group_size)
+    p.add_argument("--kl-windows", type=int, default=d.kl_windows,
+                   help="calibration windows the knapsack's KL sensitivities are measured on")
     p.add_argument("--calibration", default=d.calibration, help="named source or text file")
     p.add_argument("--n-samples", type=int, default=d.n_samples)
     p.add_argument("--seq-len", type=int, default=d.seq_len)

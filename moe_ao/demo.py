@@ -34,8 +34,9 @@ class DemoConfig:
 
     model: str = "tiny-mixtral"
     method: str = "gptq"
-    strategy: str = "combination"
+    strategy: str = "knapsack"
     budget: float = 2.5
+    kl_windows: int = 8
     group_size: int = 32
     calibration: str = "wikitext2-valid"
     n_samples: int = 64
@@ -47,11 +48,15 @@ class DemoConfig:
 
 
 def build_plan(model: torch.nn.Module, cfg: DemoConfig, calib: torch.Tensor) -> Plan:
-    """The planner's strategy at the budget, profiled on the calibration windows."""
-    from moe_ao.planner import plan
+    """The planner's strategy at the budget, profiled on the calibration windows (the
+    optimizer also gets every unit's measured KL sensitivity on ``cfg.kl_windows`` of them)."""
+    from moe_ao.planner import get_strategy, measure_sensitivities, plan
     from moe_ao.profiling import profile
 
-    stats = profile(model, calib, hessians=cfg.strategy in ("knapsack", "optimizer"), seed=cfg.seed)
+    stats = profile(model, calib, seed=cfg.seed)
+    if get_strategy(cfg.strategy).optimizer:
+        measure_sensitivities(model, calib, stats, group_size=cfg.group_size, quantizer=cfg.method,
+                              kl_windows=cfg.kl_windows)
     return plan(model, cfg.strategy, budget_bits=cfg.budget, stats=stats, seed=cfg.seed, group_size=cfg.group_size)
 
 
