@@ -161,7 +161,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         stats = Profile.load(args.profile)
     elif args.strategy in DATA_STRATEGIES:
         calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, args.seed, model.config)
-        stats = profile(model, calib, hessians=spec.optimizer, seed=args.seed)
+        stats = profile(model, calib, hessians=spec.optimizer and args.sensitivity == "hessian", seed=args.seed)
         if spec.optimizer and args.sensitivity == "kl" and "sensitivities" not in params:
             measure_sensitivities(model, calib, stats, group_size=group, kinds=params.get("kinds") or PLANNED_KINDS,
                                   kl_windows=args.kl_windows)
