@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import the
 __all__ = [
     "DISABLE_ENV",
     "device_and_dtype",
+    "int16_path",
     "MAX_KERNEL_ROWS",
     "kernel_ok",
     "packed_experts_linear",
@@ -75,12 +76,14 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 
 # ------------------------------------------------------------------------------ build
 def _build_dir() -> Path:
-    """~/.cache/moe_ao/cpp/<torch version, machine, CPU flags>: -march=native is per CPU."""
+    """~/.cache/moe_ao/cpp/<torch version, machine, hash of CPU flags and sources>: -march=native is per CPU."""
     flags = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), flags)
-    tag = hashlib.blake2b(f"{platform.machine()} {flags} {_CFLAGS}".encode(), digest_size=6).hexdigest()
+    # The sources are hashed too: torch's loader rebuilds on a changed .cpp but not on a changed header.
+    sources = b"".join(p.read_bytes() for p in sorted(_SOURCE.parent.glob("*.[ch]*")))
+    tag = hashlib.blake2b(f"{platform.machine()} {flags} {_CFLAGS}".encode() + sources, digest_size=6).hexdigest()
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return root / "moe_ao" / "cpp" / f"torch{torch.__version__}-{platform.machine()}-{tag}"
 
@@ -104,12 +107,24 @@ def _kernel() -> ctypes._CFuncPtr:
             f"moe_ao: compiling the CPU kernel {_SOURCE} failed. It needs a C++17 compiler (g++) and "
             f"ninja; set {DISABLE_ENV}=1 to use the plain PyTorch path instead. Compiler output:\n{e}"
         ) from e
-    fn = ctypes.CDLL(path).moe_ao_packed_mm
+    lib = ctypes.CDLL(path)
+    fn = lib.moe_ao_packed_mm
     c_i64, c_ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_i64, ctypes.c_int,
                    c_ptr, c_ptr, ctypes.c_int, c_ptr, ctypes.c_char_p, c_i64]
     fn.restype = ctypes.c_int
+    lib.moe_ao_int16_path.argtypes = [ctypes.c_int, c_i64]
+    lib.moe_ao_int16_path.restype = ctypes.c_int
+    fn.int16_path = lib.moe_ao_int16_path
     return fn
+
+
+def int16_path(bits: int, group_size: int) -> bool:
+    """Whether the built kernel takes its integer path for ``bits`` at ``group_size``: x is then
+    rounded to 16-bit fixed point per group (at most 2^-16 of the group's max |x|; see
+    ``csrc/packed_gemv_int16.h``). True on AVX2 CPUs without AVX-512 for 2, 4 and 8 bits at
+    groups of 64 and 128."""
+    return bits != 16 and bool(_kernel().int16_path(bits, group_size))
 
 
 # ------------------------------------------------------------------------- the ops

@@ -301,6 +301,11 @@ void dense_row(const void* wrow, int64_t K, const float* const* x, float* dots) 
   }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define MOE_AO_INT16 1
+#include "packed_gemv_int16.h"
+#endif
+
 // ---------------------------------------------------------------------------- driver
 struct Buffers {  // one bit width of a PackedWeight
   const uint8_t* q = nullptr;
@@ -338,8 +343,55 @@ struct Problem {
   int64_t xp_stride[N_WIDTHS] = {};
   std::vector<float> xsum;  // [M, G16] group sums of x
   int64_t G16 = 0;
+#ifdef MOE_AO_INT16
+  bool int16[N_WIDTHS] = {};                           // widths taking the integer path
+  std::vector<int16_t, Aligned64<int16_t>> xq[N_WIDTHS];  // [M, K] x as int16, in madd order
+  std::vector<float> xs;                               // [M, G] per-group x scales
+  std::vector<int32_t> xisum;                          // [M, G] per-group sums of int16 x
+#endif
   float* out;
 };
+
+#ifdef MOE_AO_INT16
+template <int BITS, int MT>
+void int16_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const float* srow, const uint8_t* zrow,
+                   int64_t r, int first) {
+  const int wi = width_index(BITS);
+  const int16_t* xq[MT];
+  const float* xs[MT];
+  const int32_t* isum[MT];
+  for (int i = 0; i < MT; ++i) {
+    const int64_t m = t.rows[first + i];
+    xq[i] = P.xq[wi].data() + m * P.K;
+    xs[i] = P.xs.data() + m * P.G;
+    isum[i] = P.xisum.data() + m * P.G;
+  }
+  float dots[MT];
+  int16_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, dots);
+  for (int i = 0; i < MT; ++i) P.out[t.rows[first + i] * P.N + t.col0 + r] = dots[i];
+}
+
+template <int BITS>
+void int16_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf) {
+  const Buffers& B = P.buf[width_index(BITS)];
+  const int64_t Kb = P.K / 8 * BITS;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t row = t.pos * P.R + r;
+    scales_to_f32(P.wdtype, static_cast<const char*>(B.s) + row * P.G * (P.wdtype == F32 ? 4 : 2), P.G,
+                  sbuf.data(), P.G16 + LANES);
+    const uint8_t* zrow = B.z ? B.z + row * P.G : nullptr;
+    int first = 0;
+    for (; first + MAX_MT <= t.nrows; first += MAX_MT)
+      int16_rows_mt<BITS, MAX_MT>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first);
+    switch (t.nrows - first) {
+      case 3: int16_rows_mt<BITS, 3>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first); break;
+      case 2: int16_rows_mt<BITS, 2>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first); break;
+      case 1: int16_rows_mt<BITS, 1>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first); break;
+      default: break;
+    }
+  }
+}
+#endif
 
 template <int BITS, int MT>
 void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow, const vf* zterm,
@@ -373,6 +425,11 @@ void quant_row_chunks(const Problem& P, const Task& t, int64_t r, const float* s
 template <int BITS>
 void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
                 std::vector<vf>& zterm) {
+#ifdef MOE_AO_INT16
+  if constexpr (BITS != 3) {
+    if (P.int16[width_index(BITS)]) return int16_rows<BITS>(P, t, r0, r1, sbuf);
+  }
+#endif
   const Buffers& B = P.buf[width_index(BITS)];
   const ScaleMap sm(BITS, P.gs, n_blocks(P.K, BITS));
   const float zsym = float(1 << (BITS - 1));
@@ -446,6 +503,17 @@ int fail(char* err, int64_t err_len, const char* msg) {
 
 }  // namespace
 
+// 1 if the integer path serves `bits` at `group_size` on this build, else 0.
+extern "C" int moe_ao_int16_path(int bits, int64_t group_size) {
+#ifdef MOE_AO_INT16
+  return int16_path(bits, group_size) ? 1 : 0;
+#else
+  (void)bits;
+  (void)group_size;
+  return 0;
+#endif
+}
+
 // y[m, seg*R + r] = x[m] . W[ids[m]][seg*R + r]  for every x row m, segment seg, row r.
 //
 // x: fp32 [M, K]; ids: int64 [M] expert of each x row, or NULL (a 2D weight: expert 0);
@@ -507,9 +575,29 @@ extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int6
     i = j;
   }
 
-  // x in lane order per bit width, and its group sums (for the zero-point term).
+  // x in lane order per bit width, and its group sums (for the zero-point term); or for the
+  // integer path, x as int16 per group, in the order each width's codes unpack.
+#ifdef MOE_AO_INT16
+  std::vector<int16_t> xi;
+  for (int wi = 0; wi < N_WIDTHS - 1; ++wi) {
+    if (!used[wi] || !int16_path(WIDTHS[wi], group_size)) continue;
+    if (xi.empty()) {
+      xi.resize(size_t(M * K));
+      P.xs.resize(size_t(M * P.G));
+      P.xisum.resize(size_t(M * P.G));
+      for (int64_t m = 0; m < M; ++m)
+        quantize_x(x + m * K, K, group_size, xi.data() + m * K, P.xs.data() + m * P.G, P.xisum.data() + m * P.G);
+    }
+    P.int16[wi] = true;
+    P.xq[wi].resize(size_t(M * K));
+    for (int64_t m = 0; m < M; ++m) arrange_x(xi.data() + m * K, K, WIDTHS[wi], P.xq[wi].data() + m * K);
+  }
+#endif
   for (int wi = 0; wi < N_WIDTHS - 1; ++wi) {
     if (!used[wi]) continue;
+#ifdef MOE_AO_INT16
+    if (P.int16[wi]) continue;
+#endif
     const int bits = WIDTHS[wi];
     const int64_t nblk = n_blocks(K, bits);
     P.xp_stride[wi] = nblk * LANES * codes_per_lane(bits);  // a multiple of 16: rows stay aligned

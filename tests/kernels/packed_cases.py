@@ -45,13 +45,21 @@ def dequant64(s: QuantizedWeight | torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def assert_matches(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, mag: torch.Tensor,
-                   out_ulp: dict[torch.dtype, float] = OUT_ULP) -> None:
-    """y [M, N] vs x [M, K] @ W.T in float64, W/mag [M or 1, N, K]."""
+                   out_ulp: dict[torch.dtype, float] = OUT_ULP, group_size: int | None = None) -> None:
+    """y [M, N] vs x [M, K] @ W.T in float64, W/mag [M or 1, N, K].
+
+    With ``group_size``, a kernel may also round x to 16-bit fixed point per group of that
+    size (the CPU kernel's integer path): |δx| <= max|x_g| / 65534 adds Σ_k |W_k| |δx_k|.
+    """
     x64 = x.double()
     ref = torch.einsum("mk,mnk->mn", x64, W.expand(x.shape[0], -1, -1))
     bound = torch.einsum("mk,mnk->mn", x64.abs(), mag.expand(x.shape[0], -1, -1))
     err = (y.double() - ref).abs()
     allowed = FP32_TOL * bound + out_ulp[y.dtype] * ref.abs() + 1e-30
+    if group_size is not None:
+        g = x64.abs().unflatten(-1, (-1, group_size)).amax(-1, keepdim=True)  # [M, G, 1]
+        dx = g.expand(-1, -1, group_size).flatten(-2) / 65534  # [M, K]
+        allowed = allowed + torch.einsum("mk,mnk->mn", dx, W.abs().expand(x.shape[0], -1, -1))
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert (err <= allowed).all(), f"max err/allowed {(err / allowed).max().item():.3g}"
 

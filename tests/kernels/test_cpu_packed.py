@@ -6,6 +6,8 @@ and tolerances: ``packed_cases``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -37,9 +39,9 @@ def test_packed_linear_vs_float64(bits, group_size, symmetric, dtype):
     s = random_slice(N, K, bits, group_size, symmetric, dtype, g)
     w = PackedWeight.from_slices([s], (N, K), 1, dtype)
     W, mag = dequant64(s)
-    for M in (1, 3):
+    for M in (1, 3, 5):  # 5 rows: a pass of 4 x rows, then 1
         x = torch.randn(M, K, generator=g).to(dtype)
-        assert_matches(packed_linear(x, w), x, W, mag)
+        assert_matches(packed_linear(x, w), x, W, mag, group_size=group_size)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,17 @@ def test_packed_experts_linear_vs_float64(n_seg, symmetric, dtype):
     g = torch.Generator().manual_seed(7)
     for ids in (torch.tensor([3]), torch.tensor([4, 0, 4, 2, 1, 4, 3])):  # repeats: grouped rows
         x = torch.randn(len(ids), K, generator=g).to(dtype)
-        assert_matches(packed_experts_linear(x, w, ids), x, W[ids], mag[ids])
+        assert_matches(packed_experts_linear(x, w, ids), x, W[ids], mag[ids], group_size=64)
+
+
+def test_integer_path_where_the_cpu_has_avx2_only():
+    """The integer path (x rounded to int16 per group) serves 2/4/8 bits at groups of 64 and
+    128 on AVX2 machines without AVX-512, such as the CI machine; elsewhere the fp32 path."""
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    avx2_only = "avx2" in flags and "avx512f" not in flags
+    for bits, gs in [(2, 64), (4, 128), (8, 64)]:
+        assert cpu_packed.int16_path(bits, gs) == avx2_only
+    assert not any(cpu_packed.int16_path(b, gs) for b, gs in [(3, 64), (4, 32), (4, 256), (16, 64)])
 
 
 def test_threads_and_many_tiles():

@@ -1,0 +1,122 @@
+// The AVX2 integer path of packed_gemv.cpp (included by it, inside its namespace).
+//
+// Legend: as in packed_gemv.cpp; chunk = 64 consecutive codes of a row, e = one of the 4
+// int16 vectors a chunk unpacks into, b = one of the 16 words of such a vector.
+//
+// Why: on an AVX2-only CPU the fp32 path spends ~4 instructions per 8 codes (shift, mask,
+// int->fp32 conversion, FMA) and stays compute bound at about half the DRAM bandwidth.
+// Here x is rounded to 16-bit fixed point per group, x ~ xs_g * xi with xs_g = max|x_g| /
+// 32767, and each code meets x in vpmaddwd (16 code x int16 products summed in pairs into
+// 8 int32 lanes): ~1 instruction per 4 codes. Per group, s_g * xs_g * (Σ q xi - z_g Σ xi)
+// is exact in int32 and rounded once to fp32. The rounding of x, at most 2^-16 of the
+// group's largest |x|, is 2^7 times finer than the bf16 activations of a bf16 model.
+//
+// Used for 2, 4 and 8 bits with group sizes 64 and 128 (multiples of a 64-code chunk, so
+// chunks never straddle groups; see Q_MAX_GROUP); 3 bits and other group sizes take the
+// fp32 path.
+
+#include <immintrin.h>
+
+constexpr int Q_CHUNK = 64;
+// Per group an int32 lane gathers gs / 8 products of <= 255 * 32767 (<= 1.4e8 at gs = 128),
+// and lane 0 also takes -z Σ xi (|.| <= 255 * 128 * 32767 = 1.07e9): both stay below 2^31.
+constexpr int64_t Q_MAX_GROUP = 128;
+
+bool int16_path(int bits, int64_t gs) { return bits != 3 && gs % Q_CHUNK == 0 && gs <= Q_MAX_GROUP; }
+
+// The code (0..63 within its chunk) that word b of vector e holds after extract<bits>.
+int code_of(int bits, int e, int b) {
+  if (bits == 2) return 4 * b + e;                      // byte b of 16, bit pair e
+  if (bits == 4) return 32 * (e / 2) + 2 * b + e % 2;  // bytes 16(e/2) + b, nibble e % 2
+  return 16 * e + b;                                    // 8 bits: bytes 16e + b
+}
+
+// One x row [K] -> xi [K] int16, xs [G] fp32 scales, isum [G] = Σ xi per group.
+void quantize_x(const float* x, int64_t K, int64_t gs, int16_t* xi, float* xs, int32_t* isum) {
+  for (int64_t g = 0; g < K / gs; ++g) {
+    const float* xg = x + g * gs;
+    float amax = 0.f;
+    for (int64_t k = 0; k < gs; ++k) amax = std::max(amax, std::fabs(xg[k]));
+    const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+    int32_t s = 0;
+    for (int64_t k = 0; k < gs; ++k) {
+      const float v = std::nearbyint(xg[k] / scale);
+      xi[g * gs + k] = int16_t(std::max(-32767.f, std::min(32767.f, v)));
+      s += xi[g * gs + k];
+    }
+    xs[g] = scale;
+    isum[g] = s;
+  }
+}
+
+// xq[chunk][e][b] = xi[64 chunk + code_of(bits, e, b)]: x in the order vpmaddwd meets the codes.
+void arrange_x(const int16_t* xi, int64_t K, int bits, int16_t* xq) {
+  for (int64_t c = 0; c < K / Q_CHUNK; ++c)
+    for (int e = 0; e < 4; ++e)
+      for (int b = 0; b < 16; ++b) xq[(c * 4 + e) * 16 + b] = xi[c * Q_CHUNK + code_of(bits, e, b)];
+}
+
+// The 64 codes of the chunk at p (8 * BITS bytes) as 4 vectors of 16 int16 (see code_of).
+template <int BITS> inline void extract(const uint8_t* p, __m256i (&c)[4]) {
+  auto words = [](const uint8_t* at) {  // 16 bytes -> 16 zero-extended int16
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+  };
+  if constexpr (BITS == 2) {
+    const __m256i v = words(p), m = _mm256_set1_epi16(3);
+    c[0] = _mm256_and_si256(v, m);
+    c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m);
+    c[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    c[3] = _mm256_srli_epi16(v, 6);  // a zero-extended byte: nothing above the top pair
+  } else if constexpr (BITS == 4) {
+    const __m256i lo = words(p), hi = words(p + 16), m = _mm256_set1_epi16(15);
+    c[0] = _mm256_and_si256(lo, m);
+    c[1] = _mm256_srli_epi16(lo, 4);
+    c[2] = _mm256_and_si256(hi, m);
+    c[3] = _mm256_srli_epi16(hi, 4);
+  } else {
+    for (int e = 0; e < 4; ++e) c[e] = words(p + 16 * e);
+  }
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// dots[t] = Σ_g s_g xs_tg Σ_{k in g} (q_k - z_g) xi_tk for one packed row; z_g = zrow[g],
+// or zsym when zrow is null. The integer part Σ (q - z) xi of each group is exact.
+template <int BITS, int MT>
+void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
+               const int16_t* const* xq, const float* const* xs, const int32_t* const* isum, float* dots) {
+  constexpr int64_t CHUNK_BYTES = 8 * BITS;
+  __m256 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+  const int64_t chunks = gs / Q_CHUNK;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i part[MT];
+    for (int t = 0; t < MT; ++t) part[t] = _mm256_setzero_si256();
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+      if (CHUNK_BYTES >= 64 || c % (64 / CHUNK_BYTES) == 0)  // once per 64-byte line
+        __builtin_prefetch(q + c * CHUNK_BYTES + PREFETCH_BYTES, 0, 3);
+      __m256i codes[4];
+      extract<BITS>(q + c * CHUNK_BYTES, codes);
+      for (int t = 0; t < MT; ++t) {
+        const __m256i* x = reinterpret_cast<const __m256i*>(xq[t] + c * 64);
+        const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(codes[0], _mm256_load_si256(x)),
+                                           _mm256_madd_epi16(codes[1], _mm256_load_si256(x + 1)));
+        const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(codes[2], _mm256_load_si256(x + 2)),
+                                           _mm256_madd_epi16(codes[3], _mm256_load_si256(x + 3)));
+        part[t] = _mm256_add_epi32(part[t], _mm256_add_epi32(a, b));
+      }
+    }
+    const int32_t z = zrow ? int32_t(zrow[g]) : zsym;
+    for (int t = 0; t < MT; ++t) {
+      const __m256i zterm = _mm256_set_epi32(0, 0, 0, 0, 0, 0, 0, z * isum[t][g]);
+      const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(part[t], zterm));
+      acc[t] = _mm256_fmadd_ps(exact, _mm256_set1_ps(srow[g] * xs[t][g]), acc[t]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) dots[t] = hsum256(acc[t]);
+}
