@@ -10,7 +10,7 @@ bf16. The C++ kernel in ``csrc/packed_gemv.cpp`` instead streams the packed code
 
     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j),
 
-in fp32, parallel over output rows. Two custom ops expose it, each with a plain-PyTorch
+in fp32, parallel over output rows. Two ops expose it (``moe_ao.kernels._registry``), each with a plain-PyTorch
 reference beside it (dequantize + matmul):
 
 - ``moe_ao::packed_linear``: x [M, K] times a 2D PackedWeight [N, K] -> [M, N];
@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
+
+from moe_ao.kernels._registry import define
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight
@@ -136,7 +137,7 @@ def _check_buffers(K: int, R: int, group_size: int, buffers: list[Tensor | None]
         if t is None:
             continue
         width = K if kind == "d" else (-(-K // 8) * bits if kind == "q" else K // group_size)
-        assert t.shape[1:] == (R, width) and t.is_contiguous(), f"{name}: {t.shape=} {R=} {width=}"
+        assert t.shape[1:] == (R, width) and t.is_contiguous() and not t.is_cuda, f"{name}: {t.shape=} {R=} {width=}"
         if kind in "qz":
             assert t.dtype == torch.uint8, f"{name}: {t.dtype=}"
         else:
@@ -153,7 +154,7 @@ def _run_kernel(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, 
     R = out_features // n_seg
     dtype = _check_buffers(K, R, group_size, buffers)
     assert slot.dtype == torch.int32 and slot.shape[1:] == (3,) and slot.is_contiguous(), f"{slot.shape=}"
-    assert x.device.type == "cpu" and all(t is None or t.device.type == "cpu" for t in buffers), "CPU only"
+    assert x.device.type == "cpu" and slot.device.type == "cpu", "CPU only"
     xf = x.float().contiguous()
     ids64 = None if ids is None else ids.to(torch.int64).contiguous()
     out = torch.empty(M, out_features, dtype=torch.float32)
@@ -168,29 +169,21 @@ def _run_kernel(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, 
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-@torch.library.custom_op("moe_ao::packed_linear", mutates_args=())
-def _packed_linear_op(x: Tensor, slot: Tensor, out_features: int, n_seg: int, group_size: int,
-                      buffers: list[Tensor | None]) -> Tensor:
-    """x [M, K] times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype."""
-    return _run_kernel(x, None, slot, out_features, n_seg, group_size, buffers)
-
-
-@_packed_linear_op.register_fake
-def _(x, slot, out_features, n_seg, group_size, buffers):
+def _packed_linear_fake(x, slot, out_features, n_seg, group_size, buffers):
     return x.new_empty(x.shape[0], out_features)
 
 
-@torch.library.custom_op("moe_ao::packed_experts_linear", mutates_args=())
-def _packed_experts_linear_op(x: Tensor, ids: Tensor, slot: Tensor, out_features: int, n_seg: int,
-                              group_size: int, buffers: list[Tensor | None]) -> Tensor:
-    """Row s of x [S, K] times expert ids[s] of a 3D packed weight [E, N, K] -> [S, N]."""
-    return _run_kernel(x, ids, slot, out_features, n_seg, group_size, buffers)
-
-
-@_packed_experts_linear_op.register_fake
-def _(x, ids, slot, out_features, n_seg, group_size, buffers):
+def _packed_experts_linear_fake(x, ids, slot, out_features, n_seg, group_size, buffers):
     assert ids.shape == x.shape[:1], f"{ids.shape=} {x.shape=}"
     return x.new_empty(x.shape[0], out_features)
+
+
+# x [M, K] times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype.
+define("packed_linear(Tensor x, Tensor slot, int out_features, int n_seg, int group_size, Tensor?[] buffers)"
+       " -> Tensor", lambda x, *a: _run_kernel(x, None, *a), _packed_linear_fake)
+# Row s of x [S, K] times expert ids[s] of a 3D packed weight [E, N, K] -> [S, N].
+define("packed_experts_linear(Tensor x, Tensor ids, Tensor slot, int out_features, int n_seg, int group_size,"
+       " Tensor?[] buffers) -> Tensor", lambda *a: _run_kernel(*a), _packed_experts_linear_fake)
 
 
 # ----------------------------------------------------------------- public wrappers
@@ -227,15 +220,6 @@ def kernel_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
     )
 
 
-def _call(op, x: Tensor, ids: Tensor | None, *args) -> Tensor:
-    """The kernel, called straight in eager mode: the custom op's dispatch costs several times
-    a small decode GEMV (measured ~100 us against ~40 us for a 256x256 4-bit one). Under
-    torch.compile or export, and for fake tensors, the registered op keeps it in the graph."""
-    if torch.compiler.is_compiling() or isinstance(x, FakeTensor):
-        return op(x, *args) if ids is None else op(x, ids, *args)
-    return _run_kernel(x, ids, *args)
-
-
 def _buffers(w: PackedWeight) -> list[Tensor | None]:
     return [getattr(w, name) for name in BUFFER_NAMES]
 
@@ -255,7 +239,7 @@ def packed_linear(x: Tensor, w: PackedWeight) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     if not kernel_ok(x2, w, x2.shape[0]):
         return packed_linear_reference(x, w)
-    out = _call(torch.ops.moe_ao.packed_linear, x2, None, w.slot, N, w.n_seg, w.group_size, _buffers(w))
+    out = torch.ops.moe_ao.packed_linear(x2, w.slot, N, w.n_seg, w.group_size, _buffers(w))
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -276,4 +260,4 @@ def packed_experts_linear(x: Tensor, w: PackedWeight, ids: Tensor) -> Tensor:
     E, N, K = w.logical_shape
     if not kernel_ok(x, w, -(-x.shape[0] // E)):
         return packed_experts_linear_reference(x, w, ids)
-    return _call(torch.ops.moe_ao.packed_experts_linear, x, ids, w.slot, N, w.n_seg, w.group_size, _buffers(w))
+    return torch.ops.moe_ao.packed_experts_linear(x, ids, w.slot, N, w.n_seg, w.group_size, _buffers(w))

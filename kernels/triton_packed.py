@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from moe_ao.kernels._registry import define
 from moe_ao.kernels.cpu_packed import BUFFER_NAMES, device_and_dtype
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
@@ -104,29 +105,22 @@ def _launch(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, n_se
     return out
 
 
-@torch.library.custom_op("moe_ao::triton_packed_linear", mutates_args=())
-def _linear_op(x: Tensor, slot: Tensor, out_features: int, n_seg: int, group_size: int,
-               buffers: list[Tensor | None]) -> Tensor:
-    """x [M, K] times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype."""
-    return _launch(x, None, slot, out_features, n_seg, group_size, buffers)
-
-
-@_linear_op.register_fake
-def _(x, slot, out_features, n_seg, group_size, buffers):
+def _linear_fake(x, slot, out_features, n_seg, group_size, buffers):
     return x.new_empty(x.shape[0], out_features)
 
 
-@torch.library.custom_op("moe_ao::triton_packed_experts_linear", mutates_args=())
-def _experts_op(x: Tensor, ids: Tensor, slot: Tensor, out_features: int, n_seg: int, group_size: int,
-                buffers: list[Tensor | None]) -> Tensor:
-    """Row s of x [S, K] times expert ids[s] of a 3D packed weight [E, N, K] -> [S, N]."""
-    return _launch(x, ids, slot, out_features, n_seg, group_size, buffers)
-
-
-@_experts_op.register_fake
-def _(x, ids, slot, out_features, n_seg, group_size, buffers):
+def _experts_fake(x, ids, slot, out_features, n_seg, group_size, buffers):
     assert ids.shape == x.shape[:1], f"{ids.shape=} {x.shape=}"
     return x.new_empty(x.shape[0], out_features)
+
+
+# CPU too: under TRITON_INTERPRET=1 the same kernel runs on CPU tensors (the tests).
+# x [M, K] times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype.
+define("triton_packed_linear(Tensor x, Tensor slot, int out_features, int n_seg, int group_size,"
+       " Tensor?[] buffers) -> Tensor", lambda x, *a: _launch(x, None, *a), _linear_fake, ("CUDA", "CPU"))
+# Row s of x [S, K] times expert ids[s] of a 3D packed weight [E, N, K] -> [S, N].
+define("triton_packed_experts_linear(Tensor x, Tensor ids, Tensor slot, int out_features, int n_seg,"
+       " int group_size, Tensor?[] buffers) -> Tensor", lambda *a: _launch(*a), _experts_fake, ("CUDA", "CPU"))
 
 
 def triton_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:

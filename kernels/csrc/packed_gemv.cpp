@@ -55,6 +55,7 @@ constexpr int64_t TILE = 16;  // output rows per OpenMP work item: a few us, so 
 // thread, weights streamed from DRAM); 1-4 KB measured alike, 2 KB best.
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int N_WIDTHS = 5;   // buffer order of PackedWeight: 2, 3, 4, 8, 16 bits
+constexpr int64_t SERIAL_WEIGHTS = int64_t(1) << 20;  // calls reading fewer run on one thread
 constexpr int WIDTHS[N_WIDTHS] = {2, 3, 4, 8, 16};
 
 enum DType { F32 = 0, BF16 = 1, F16 = 2 };
@@ -610,8 +611,10 @@ extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int6
 
   const int64_t tiles_per_task = (R + TILE - 1) / TILE;
   const int64_t n_items = int64_t(tasks.size()) * tiles_per_task;
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_items)));
-#pragma omp parallel num_threads(threads)
+  // Below ~1M weights a call takes a few us, less than waking a second thread costs.
+  const int64_t weights = int64_t(tasks.size()) * R * K;
+  const int threads = weights < SERIAL_WEIGHTS ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_items)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> sbuf(size_t(2 * (P.G16 + LANES)), 0.f);
     std::vector<vf> zterm(static_cast<size_t>(M));
