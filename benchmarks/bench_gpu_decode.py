@@ -159,9 +159,19 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--small", action="store_true", help="tiny shapes, for a smoke run under TRITON_INTERPRET=1")
     ap.add_argument("--out", default="benchmarks/results/gpu_decode.md")
     args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     device = torch.device(args.device)
     torch.manual_seed(0)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        lines = run(args, device)
+    print("\n".join(lines))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def run(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Every section of the report, as markdown lines."""
     d, inter, gs, rotate, copy_bytes = (64, 96, 32, 2**16, 2**20) if args.small else (4096, 14336, 128, 2**30, 2**30)
     time_one = timer(device)
     copy = copy_gbs(device, copy_bytes, 10, time_one)
@@ -174,10 +184,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     times = median_times(moe, args.reps, args.warmup, time_one)
     lines += [f"## (b) Mixtral-shaped experts layer (hidden {d}, intermediate {inter}, 8 experts, top-2), 1 token", "",
               *table(times, moe, copy, ["bf16 eager (transformers loop)", "bf16 compiled (grouped_mm)"]), ""]
-    lines.append(f"Command: `python benchmarks/bench_gpu_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
-    print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    lines.append(f"Command: `python benchmarks/bench_gpu_decode.py {' '.join(args.argv)}`")
     return lines
 
 

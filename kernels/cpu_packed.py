@@ -112,7 +112,7 @@ def _kernel() -> ctypes._CFuncPtr:
     fn = lib.moe_ao_packed_mm
     c_i64, c_ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_i64, ctypes.c_int,
-                   c_ptr, c_ptr, ctypes.c_int, c_ptr, ctypes.c_char_p, c_i64]
+                   c_ptr, c_ptr, ctypes.c_int, ctypes.c_int, c_ptr, ctypes.c_char_p, c_i64]
     fn.restype = ctypes.c_int
     lib.moe_ao_int16_path.argtypes = [ctypes.c_int, c_i64]
     lib.moe_ao_int16_path.restype = ctypes.c_int
@@ -121,10 +121,11 @@ def _kernel() -> ctypes._CFuncPtr:
 
 
 def int16_path(bits: int, group_size: int) -> bool:
-    """Whether the built kernel takes its integer path for ``bits`` at ``group_size``: x is then
-    rounded to 16-bit fixed point per group (at most 2^-16 of the group's max |x|; see
-    ``csrc/packed_gemv_int16.h``). True on AVX2 CPUs without AVX-512 for 2, 4 and 8 bits at
-    groups of 64 and 128."""
+    """Whether the built kernel takes its integer path for bf16/fp16 x at ``bits`` and
+    ``group_size``: x is then rounded to 16-bit fixed point per group (at most 2^-16 of the
+    group's max |x|, below a 16-bit x's own precision; see ``csrc/packed_gemv_int16.h``).
+    True on AVX2 CPUs without AVX-512 for 2, 4 and 8 bits at groups of 64 and 128; fp32 x
+    always gets exact fp32 arithmetic."""
     return bits != 16 and bool(_kernel().int16_path(bits, group_size))
 
 
@@ -163,7 +164,7 @@ def _run_kernel(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, 
     err = ctypes.create_string_buffer(256)
     rc = _kernel()(xf.data_ptr(), M, K, None if ids64 is None else ids64.data_ptr(), slot.data_ptr(),
                    slot.shape[0], n_seg, R, group_size, _DTYPE_CODE[dtype], ptrs, counts,
-                   torch.get_num_threads(), out.data_ptr(), err, len(err))
+                   torch.get_num_threads(), int(x.dtype != torch.float32), out.data_ptr(), err, len(err))
     if rc != 0:
         raise RuntimeError(f"moe_ao packed CPU kernel: {err.value.decode()}")
     return out if x.dtype == torch.float32 else out.to(x.dtype)

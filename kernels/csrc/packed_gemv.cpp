@@ -521,11 +521,13 @@ extern "C" int moe_ao_int16_path(int bits, int64_t group_size) {
 // slot: int32 [n_slices, 3] (bits, row in its buffer, -), n_slices = E * n_seg;
 // bufs: 13 pointers q2 s2 z2 q3 s3 z3 q4 s4 z4 q8 s8 z8 d16 (NULL when absent);
 // counts: entries n_b of the 2, 3, 4, 8, 16-bit buffers; wdtype: 0 fp32, 1 bf16, 2 fp16
-// (scales and d16); out: fp32 [M, n_seg*R]. Returns 0, or 1 with a message in err.
+// (scales and d16); x_16bit: x came in a 16-bit dtype (then the integer path may round it
+// to int16, which such an x cannot tell apart; fp32 x keeps exact fp32 arithmetic);
+// out: fp32 [M, n_seg*R]. Returns 0, or 1 with a message in err.
 extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int64_t* ids, const int32_t* slot,
                                 int64_t n_slices, int64_t n_seg, int64_t R, int64_t group_size, int wdtype,
-                                const void* const* bufs, const int64_t* counts, int n_threads, float* out,
-                                char* err, int64_t err_len) {
+                                const void* const* bufs, const int64_t* counts, int n_threads, int x_16bit,
+                                float* out, char* err, int64_t err_len) {
   if (M <= 0 || K <= 0 || R <= 0 || n_seg <= 0 || n_slices % n_seg != 0) return fail(err, err_len, "bad shapes");
   if (group_size <= 0 || K % group_size != 0) return fail(err, err_len, "group_size must divide K");
   const int64_t E = n_slices / n_seg;
@@ -581,7 +583,7 @@ extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int6
 #ifdef MOE_AO_INT16
   std::vector<int16_t> xi;
   for (int wi = 0; wi < N_WIDTHS - 1; ++wi) {
-    if (!used[wi] || !int16_path(WIDTHS[wi], group_size)) continue;
+    if (!used[wi] || !x_16bit || !int16_path(WIDTHS[wi], group_size)) continue;
     if (xi.empty()) {
       xi.resize(size_t(M * K));
       P.xs.resize(size_t(M * P.G));

@@ -11,9 +11,9 @@
 // is exact in int32 and rounded once to fp32. The rounding of x, at most 2^-16 of the
 // group's largest |x|, is 2^7 times finer than the bf16 activations of a bf16 model.
 //
-// Used for 2, 4 and 8 bits with group sizes 64 and 128 (multiples of a 64-code chunk, so
-// chunks never straddle groups; see Q_MAX_GROUP); 3 bits and other group sizes take the
-// fp32 path.
+// Used for bf16/fp16 x at 2, 4 and 8 bits with group sizes 64 and 128 (multiples of a
+// 64-code chunk, so chunks never straddle groups; see Q_MAX_GROUP); fp32 x, 3 bits and
+// other group sizes take the exact fp32 path.
 
 #include <immintrin.h>
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -24,6 +25,7 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path, monkeypatch):
 
     out = tmp_path / "gpu.md"
     lines = bench_gpu_decode.main(["--device", "cpu", "--small", "--reps", "1", "--warmup", "0", "--out", str(out)])
+    assert torch.is_grad_enabled()  # the script leaves the process as it found it
     text = out.read_text()
     assert text == "\n".join(lines) + "\n"
     for row in ("| moe_ao 3-bit (g128) |", "| moe_ao mixed 2.5-bit compiled |", "| bf16 compiled (grouped_mm) |"):
