@@ -10,14 +10,15 @@ bf16. The C++ kernel in ``csrc/packed_gemv.cpp`` instead streams the packed code
 
     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j),
 
-in fp32, parallel over output rows. Two ops expose it (``moe_ao.kernels._registry``), each with a plain-PyTorch
-reference beside it (dequantize + matmul):
+in fp32, parallel over output rows. Two ops expose it (registered by
+``moe_ao.kernels._registry``), each with a plain-PyTorch reference beside it
+(dequantize + matmul):
 
 - ``moe_ao::packed_linear``: x [M, K] times a 2D PackedWeight [N, K] -> [M, N];
 - ``moe_ao::packed_experts_linear``: x [S, K], row s times expert ids[s] of a 3D
   PackedWeight [E, N, K] -> [S, N]; slices may mix 2/3/4/8/16 bits.
 
-Custom ops cannot take the tensor subclass, so the wrappers pass its inner buffers. The
+Ops cannot take the tensor subclass, so the wrappers pass its inner buffers. The
 wrappers use the kernel only for CPU inference with few rows of x (see ``kernel_ok``);
 otherwise, and whenever ``MOE_AO_DISABLE_CPP=1``, they return the reference.
 
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_ao.kernels._registry import define
+from moe_ao.kernels._registry import BUFFER_NAMES, buffers_of, define_packed_ops
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight
@@ -66,7 +67,6 @@ DISABLE_ENV = "MOE_AO_DISABLE_CPP"
 # compiled, on 2 threads), so they cross near M = 64 against compiled code. Prefill
 # (hundreds of rows) belongs to dequantize + GEMM; 16 covers decode with a margin.
 MAX_KERNEL_ROWS = 16
-BUFFER_NAMES = ("q2", "s2", "z2", "q3", "s3", "z3", "q4", "s4", "z4", "q8", "s8", "z8", "d16")
 _SPECS = [(n, n[0], int(n[1:])) for n in BUFFER_NAMES]  # (name, kind, bits)
 _COUNTED = [BUFFER_NAMES.index(n) for n in ("q2", "q3", "q4", "q8", "d16")]  # dim 0 = slices per width
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -170,21 +170,7 @@ def _run_kernel(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, 
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-def _packed_linear_fake(x, slot, out_features, n_seg, group_size, buffers):
-    return x.new_empty(x.shape[0], out_features)
-
-
-def _packed_experts_linear_fake(x, ids, slot, out_features, n_seg, group_size, buffers):
-    assert ids.shape == x.shape[:1], f"{ids.shape=} {x.shape=}"
-    return x.new_empty(x.shape[0], out_features)
-
-
-# x [M, K] times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype.
-define("packed_linear(Tensor x, Tensor slot, int out_features, int n_seg, int group_size, Tensor?[] buffers)"
-       " -> Tensor", lambda x, *a: _run_kernel(x, None, *a), _packed_linear_fake)
-# Row s of x [S, K] times expert ids[s] of a 3D packed weight [E, N, K] -> [S, N].
-define("packed_experts_linear(Tensor x, Tensor ids, Tensor slot, int out_features, int n_seg, int group_size,"
-       " Tensor?[] buffers) -> Tensor", lambda *a: _run_kernel(*a), _packed_experts_linear_fake)
+define_packed_ops("", lambda *a: _run_kernel(*a), ("CPU",))
 
 
 # ----------------------------------------------------------------- public wrappers
@@ -221,10 +207,6 @@ def kernel_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
     )
 
 
-def _buffers(w: PackedWeight) -> list[Tensor | None]:
-    return [getattr(w, name) for name in BUFFER_NAMES]
-
-
 def packed_linear_reference(x: Tensor, w: PackedWeight) -> Tensor:
     """Plain PyTorch: x [..., K] @ dequantize(w [N, K]).T -> [..., N]."""
     return F.linear(x, w.dequantize(x.dtype))
@@ -240,7 +222,7 @@ def packed_linear(x: Tensor, w: PackedWeight) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     if not kernel_ok(x2, w, x2.shape[0]):
         return packed_linear_reference(x, w)
-    out = torch.ops.moe_ao.packed_linear(x2, w.slot, N, w.n_seg, w.group_size, _buffers(w))
+    out = torch.ops.moe_ao.packed_linear(x2, w.slot, N, w.n_seg, w.group_size, buffers_of(w))
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -261,4 +243,4 @@ def packed_experts_linear(x: Tensor, w: PackedWeight, ids: Tensor) -> Tensor:
     E, N, K = w.logical_shape
     if not kernel_ok(x, w, -(-x.shape[0] // E)):
         return packed_experts_linear_reference(x, w, ids)
-    return torch.ops.moe_ao.packed_experts_linear(x, ids, w.slot, N, w.n_seg, w.group_size, _buffers(w))
+    return torch.ops.moe_ao.packed_experts_linear(x, ids, w.slot, N, w.n_seg, w.group_size, buffers_of(w))

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from moe_ao.kernels._registry import define
-from moe_ao.kernels.cpu_packed import BUFFER_NAMES, device_and_dtype
+from moe_ao.kernels._registry import BUFFER_NAMES, buffers_of, define_packed_ops
+from moe_ao.kernels.cpu_packed import device_and_dtype
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight
@@ -105,22 +105,8 @@ def _launch(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, n_se
     return out
 
 
-def _linear_fake(x, slot, out_features, n_seg, group_size, buffers):
-    return x.new_empty(x.shape[0], out_features)
-
-
-def _experts_fake(x, ids, slot, out_features, n_seg, group_size, buffers):
-    assert ids.shape == x.shape[:1], f"{ids.shape=} {x.shape=}"
-    return x.new_empty(x.shape[0], out_features)
-
-
 # CPU too: under TRITON_INTERPRET=1 the same kernel runs on CPU tensors (the tests).
-# x [M, K] times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype.
-define("triton_packed_linear(Tensor x, Tensor slot, int out_features, int n_seg, int group_size,"
-       " Tensor?[] buffers) -> Tensor", lambda x, *a: _launch(x, None, *a), _linear_fake, ("CUDA", "CPU"))
-# Row s of x [S, K] times expert ids[s] of a 3D packed weight [E, N, K] -> [S, N].
-define("triton_packed_experts_linear(Tensor x, Tensor ids, Tensor slot, int out_features, int n_seg,"
-       " int group_size, Tensor?[] buffers) -> Tensor", lambda *a: _launch(*a), _experts_fake, ("CUDA", "CPU"))
+define_packed_ops("triton_", lambda *a: _launch(*a), ("CUDA", "CPU"))
 
 
 def triton_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
@@ -140,10 +126,6 @@ def triton_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
     )
 
 
-def _buffers(w: PackedWeight) -> list[Tensor | None]:
-    return [getattr(w, name) for name in BUFFER_NAMES]
-
-
 def packed_linear(x: Tensor, w: PackedWeight) -> Tensor:
     """x [..., K] times a 2D PackedWeight [N, K] -> [..., N] with the Triton kernel.
 
@@ -154,7 +136,7 @@ def packed_linear(x: Tensor, w: PackedWeight) -> Tensor:
     _require()
     N = w.logical_shape[0]
     out = torch.ops.moe_ao.triton_packed_linear(x.reshape(-1, x.shape[-1]), w.slot, N, w.n_seg, w.group_size,
-                                                _buffers(w))
+                                                buffers_of(w))
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -169,4 +151,4 @@ def packed_experts_linear(x: Tensor, w: PackedWeight, ids: Tensor) -> Tensor:
     )
     _require()
     return torch.ops.moe_ao.triton_packed_experts_linear(x, ids, w.slot, w.logical_shape[1], w.n_seg, w.group_size,
-                                                         _buffers(w))
+                                                         buffers_of(w))

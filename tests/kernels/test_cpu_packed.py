@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moe_ao.kernels import cpu_packed
+from moe_ao.kernels._registry import buffers_of
 from moe_ao.kernels.cpu_packed import (
     DISABLE_ENV,
     packed_experts_linear,
@@ -160,7 +161,7 @@ def test_compile_error_is_a_clear_runtime_error(monkeypatch, tmp_path):
 
 
 def _op_args(w: PackedWeight) -> tuple:
-    return (w.slot, w.logical_shape[-2], w.n_seg, w.group_size, [getattr(w, n) for n in cpu_packed.BUFFER_NAMES])
+    return (w.slot, w.logical_shape[-2], w.n_seg, w.group_size, buffers_of(w))
 
 
 def test_opcheck():

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("triton")
 
 from moe_ao.kernels import triton_packed  # noqa: E402
+from moe_ao.kernels._registry import buffers_of  # noqa: E402
 from moe_ao.kernels.triton_packed import packed_experts_linear, packed_linear, triton_ok  # noqa: E402
 from moe_ao.tensors.packed import PackedWeight  # noqa: E402
 from packed_cases import OUT_ULP, dequant64, mixed_bank, random_slice  # noqa: E402
@@ -100,7 +101,7 @@ def test_a_2d_weight_with_segments():
 def test_ops_pass_opcheck_and_compile_fullgraph():
     w, _, _ = mixed_bank(3, 2, 16, 64, 32, True, torch.float32)
     x, w, ids = on(torch.randn(2, 64), w, torch.tensor([2, 0]))
-    args = (w.slot, w.logical_shape[1], w.n_seg, w.group_size, triton_packed._buffers(w))
+    args = (w.slot, w.logical_shape[1], w.n_seg, w.group_size, buffers_of(w))
     torch.library.opcheck(torch.ops.moe_ao.triton_packed_experts_linear.default, (x, ids, *args),
                           test_utils=("test_schema", "test_faketensor"))
 
