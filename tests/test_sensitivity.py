@@ -128,3 +128,18 @@ def test_bad_arguments_name_the_value(kwargs, match):
     args = {"calibration": _calib(model), "group_sizes": {u.name: 32 for u in picked}} | kwargs
     with pytest.raises(ValueError, match=match):
         kl_sensitivities(model, args.pop("calibration"), picked, args.pop("group_sizes"), progress=False, **args)
+
+
+def test_head_pieces_give_the_same_kl(monkeypatch):
+    """The head runs in pieces of about HEAD_ELEMENTS logits; one window per piece matches whole chunks."""
+    from moe_ao import sensitivity
+
+    model = _f64("mixtral")
+    ids = _calib(model)
+    picked = _pick(model)
+    sizes = {u.name: 32 for u in picked}
+    whole, _ = kl_sensitivities(model, ids, picked, sizes, (2,), quantizer="rtn", progress=False)
+    monkeypatch.setattr(sensitivity, "HEAD_ELEMENTS", 1)  # every piece one window
+    pieces, _ = kl_sensitivities(model, ids, picked, sizes, (2,), quantizer="rtn", progress=False)
+    for name in whole:
+        assert pieces[name][2] == pytest.approx(whole[name][2], rel=1e-12)
