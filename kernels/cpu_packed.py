@@ -10,9 +10,9 @@ bf16. The C++ kernel in ``csrc/packed_gemv.cpp`` instead streams the packed code
 
     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j),
 
-in fp32, parallel over output rows. Two ops expose it (registered by
-``moe_ao.kernels._registry``), each with a plain-PyTorch reference beside it
-(dequantize + matmul):
+in fp32, parallel over output rows. Two ops expose it (schemas and fakes from
+``moe_ao.kernels._registry``, CPU implementations in ``csrc/packed_ops.cpp``), each with
+a plain-PyTorch reference beside it (dequantize + matmul):
 
 - ``moe_ao::packed_linear``: x [M, K] times a 2D PackedWeight [N, K] -> [M, N];
 - ``moe_ao::packed_experts_linear``: x [S, K], row s times expert ids[s] of a 3D
@@ -22,10 +22,14 @@ Ops cannot take the tensor subclass, so the wrappers pass its inner buffers. The
 wrappers use the kernel only for CPU inference with few rows of x (see ``kernel_ok``);
 otherwise, and whenever ``MOE_AO_DISABLE_CPP=1``, they return the reference.
 
-The C++ source has no torch headers (a plain C ABI called through ctypes), so the first
-use compiles it in a few seconds, with ``-O3 -march=native -fopenmp``, into
-``~/.cache/moe_ao/cpp``; later processes reuse the build. Its OpenMP runtime is torch's
-own (same soname, already loaded), and it runs on ``torch.get_num_threads()`` threads.
+The kernel itself is plain C with no torch headers; ``packed_ops.cpp`` checks the
+buffers, converts x and registers the ops with the dispatcher in C++ (~5 us a call, where
+a Python implementation cost ~60 us: more than a small expert's GEMV). The first call of
+an op in a process loads the library (a Python fallback registered for the ops does
+that), and the first use on a machine compiles it, in about 20 s, with ``-O3
+-march=native -fopenmp``, into ``~/.cache/moe_ao/cpp``; later processes reuse the build.
+Its OpenMP runtime is torch's own (same soname, already loaded), and it runs on
+``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_ao.kernels._registry import BUFFER_NAMES, buffers_of, define_packed_ops
+from moe_ao.kernels._registry import buffers_of, define_packed_ops
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight
@@ -67,11 +71,10 @@ DISABLE_ENV = "MOE_AO_DISABLE_CPP"
 # compiled, on 2 threads), so they cross near M = 64 against compiled code. Prefill
 # (hundreds of rows) belongs to dequantize + GEMM; 16 covers decode with a margin.
 MAX_KERNEL_ROWS = 16
-_SPECS = [(n, n[0], int(n[1:])) for n in BUFFER_NAMES]  # (name, kind, bits)
-_COUNTED = [BUFFER_NAMES.index(n) for n in ("q2", "q3", "q4", "q8", "d16")]  # dim 0 = slices per width
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CODES_PER_WORD = {2: 16, 3: 8, 4: 8, 8: 4}  # codes per 32-bit lane word in the kernel
-_SOURCE = Path(__file__).parent / "csrc" / "packed_gemv.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "packed_gemv.cpp", _CSRC / "packed_ops.cpp"]  # the kernel (plain C), its torch ops
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 
 
@@ -83,15 +86,19 @@ def _build_dir() -> Path:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), flags)
     # The sources are hashed too: torch's loader rebuilds on a changed .cpp but not on a changed header.
-    sources = b"".join(p.read_bytes() for p in sorted(_SOURCE.parent.glob("*.[ch]*")))
+    sources = b"".join(p.read_bytes() for p in sorted(_CSRC.glob("*.[ch]*")))
     tag = hashlib.blake2b(f"{platform.machine()} {flags} {_CFLAGS}".encode() + sources, digest_size=6).hexdigest()
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return root / "moe_ao" / "cpp" / f"torch{torch.__version__}-{platform.machine()}-{tag}"
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr:
-    """Compiles (first use per machine) and loads the C++ kernel; cached per process.
+def _load() -> ctypes.CDLL:
+    """Compiles (first use per machine) and loads the C++ library; cached per process.
+
+    Loading registers its CPU kernels for ``moe_ao::packed_linear`` and
+    ``moe_ao::packed_experts_linear`` with the dispatcher. Returns the library, whose
+    plain C functions (``moe_ao_int16_path``) are called through ctypes.
 
     Raises:
         RuntimeError: the compiler failed or is missing.
@@ -101,23 +108,18 @@ def _kernel() -> ctypes._CFuncPtr:
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        path = load(name="moe_ao_packed_gemv", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+        path = load(name="moe_ao_packed_gemv", sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS,
                     extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
         raise RuntimeError(
-            f"moe_ao: compiling the CPU kernel {_SOURCE} failed. It needs a C++17 compiler (g++) and "
-            f"ninja; set {DISABLE_ENV}=1 to use the plain PyTorch path instead. Compiler output:\n{e}"
+            f"moe_ao: compiling the CPU kernel {', '.join(map(str, _SOURCES))} failed. It needs a C++17 compiler "
+            f"(g++) and ninja; set {DISABLE_ENV}=1 to use the plain PyTorch path instead. Compiler output:\n{e}"
         ) from e
+    torch.ops.load_library(path)
     lib = ctypes.CDLL(path)
-    fn = lib.moe_ao_packed_mm
-    c_i64, c_ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_i64, ctypes.c_int,
-                   c_ptr, c_ptr, ctypes.c_int, ctypes.c_int, c_ptr, ctypes.c_char_p, c_i64]
-    fn.restype = ctypes.c_int
-    lib.moe_ao_int16_path.argtypes = [ctypes.c_int, c_i64]
+    lib.moe_ao_int16_path.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.moe_ao_int16_path.restype = ctypes.c_int
-    fn.int16_path = lib.moe_ao_int16_path
-    return fn
+    return lib
 
 
 def int16_path(bits: int, group_size: int) -> bool:
@@ -126,51 +128,23 @@ def int16_path(bits: int, group_size: int) -> bool:
     group's max |x|, below a 16-bit x's own precision; see ``csrc/packed_gemv_int16.h``).
     True on AVX2 CPUs without AVX-512 for 2, 4 and 8 bits at groups of 64 and 128; fp32 x
     always gets exact fp32 arithmetic."""
-    return bits != 16 and bool(_kernel().int16_path(bits, group_size))
+    return bits != 16 and bool(_load().moe_ao_int16_path(bits, group_size))
 
 
 # ------------------------------------------------------------------------- the ops
-def _check_buffers(K: int, R: int, group_size: int, buffers: list[Tensor | None]) -> torch.dtype:
-    """Asserts the buffers fit together (the C++ side trusts them); returns the float dtype."""
-    assert len(buffers) == len(BUFFER_NAMES), f"{len(buffers)=}"
-    dtype = None
-    for (name, kind, bits), t in zip(_SPECS, buffers):
-        if t is None:
-            continue
-        width = K if kind == "d" else (-(-K // 8) * bits if kind == "q" else K // group_size)
-        assert t.shape[1:] == (R, width) and t.is_contiguous() and not t.is_cuda, f"{name}: {t.shape=} {R=} {width=}"
-        if kind in "qz":
-            assert t.dtype == torch.uint8, f"{name}: {t.dtype=}"
-        else:
-            assert dtype in (None, t.dtype) and t.dtype in _DTYPE_CODE, f"{name}: {t.dtype=}, others {dtype}"
-            dtype = t.dtype
-    assert dtype is not None, "no scales or float slices among the buffers"
-    return dtype
+def _first_call(x: Tensor, ids: Tensor | None, *args) -> Tensor:
+    """The ops' fallback until the C++ library is loaded: loads it (its CPU kernels then take
+    precedence over this one) and dispatches the call again."""
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"moe_ao::packed_linear and packed_experts_linear serve CPU tensors, got x on "
+                                  f"{x.device}; on CUDA the wrappers call the moe_ao::triton_ ops")
+    _load()
+    if ids is None:
+        return torch.ops.moe_ao.packed_linear.default(x, *args)
+    return torch.ops.moe_ao.packed_experts_linear.default(x, ids, *args)
 
 
-def _run_kernel(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, n_seg: int,
-                group_size: int, buffers: list[Tensor | None]) -> Tensor:
-    """Calls the C++ kernel on CPU tensors; returns [M, out_features] in x's dtype."""
-    M, K = x.shape
-    R = out_features // n_seg
-    dtype = _check_buffers(K, R, group_size, buffers)
-    assert slot.dtype == torch.int32 and slot.shape[1:] == (3,) and slot.is_contiguous(), f"{slot.shape=}"
-    assert x.device.type == "cpu" and slot.device.type == "cpu", "CPU only"
-    xf = x.float().contiguous()
-    ids64 = None if ids is None else ids.to(torch.int64).contiguous()
-    out = torch.empty(M, out_features, dtype=torch.float32)
-    ptrs = (ctypes.c_void_p * len(buffers))(*[None if t is None else t.data_ptr() for t in buffers])
-    counts = (ctypes.c_int64 * len(_COUNTED))(*[0 if buffers[i] is None else buffers[i].shape[0] for i in _COUNTED])
-    err = ctypes.create_string_buffer(256)
-    rc = _kernel()(xf.data_ptr(), M, K, None if ids64 is None else ids64.data_ptr(), slot.data_ptr(),
-                   slot.shape[0], n_seg, R, group_size, _DTYPE_CODE[dtype], ptrs, counts,
-                   torch.get_num_threads(), int(x.dtype != torch.float32), out.data_ptr(), err, len(err))
-    if rc != 0:
-        raise RuntimeError(f"moe_ao packed CPU kernel: {err.value.decode()}")
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
-
-
-define_packed_ops("", lambda *a: _run_kernel(*a), ("CPU",))
+define_packed_ops("", _first_call, ("CompositeExplicitAutograd",))
 
 
 # ----------------------------------------------------------------- public wrappers

@@ -4,9 +4,10 @@
 // row, lane = one of LANES vector lanes (16 with AVX-512, else 8), CPL = codes per lane,
 // block = LANES lanes of codes.
 //
-// A plain C ABI with no torch headers, so it compiles in about a second; kernels/cpu_packed.py
-// calls it through ctypes and wraps it in torch custom ops. Portable GCC vector extensions
-// of one machine register (-march=native): 16 x fp32 with AVX-512, 8 x fp32 otherwise
+// A plain C ABI with no torch headers (it compiles in about a second); packed_ops.cpp
+// checks the buffers and registers it as the CPU implementation of moe_ao's torch ops.
+// Portable GCC vector extensions of one machine register (-march=native): 16 x fp32 with
+// AVX-512, 8 x fp32 otherwise
 // (AVX2, or a pair of NEON registers). Emulating 16 lanes on AVX2 would split every
 // variable shuffle into scalar code (measured 10x slower on an AVX2-only EPYC).
 //
@@ -126,6 +127,20 @@ template <int DT> void to_f32(const void* src, int64_t n, float* dst, int64_t pa
   }
   for (; i < n; ++i) dst[i] = load1<DT>(src, i);
   for (; i < padded; ++i) dst[i] = 0.f;
+}
+
+// fp32 -> n values of dtype dt (1 bf16, 2 fp16), rounded to nearest even as torch rounds.
+void from_f32(int dt, const float* src, int64_t n, void* dst) {
+  if (dt == F16) {
+    for (int64_t i = 0; i < n; ++i) static_cast<_Float16*>(dst)[i] = _Float16(src[i]);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &src[i], sizeof u);
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    static_cast<uint16_t*>(dst)[i] = nan ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
 }
 
 void scales_to_f32(int dt, const void* src, int64_t n, float* dst, int64_t padded) {
@@ -517,22 +532,31 @@ extern "C" int moe_ao_int16_path(int bits, int64_t group_size) {
 
 // y[m, seg*R + r] = x[m] . W[ids[m]][seg*R + r]  for every x row m, segment seg, row r.
 //
-// x: fp32 [M, K]; ids: int64 [M] expert of each x row, or NULL (a 2D weight: expert 0);
-// slot: int32 [n_slices, 3] (bits, row in its buffer, -), n_slices = E * n_seg;
-// bufs: 13 pointers q2 s2 z2 q3 s3 z3 q4 s4 z4 q8 s8 z8 d16 (NULL when absent);
-// counts: entries n_b of the 2, 3, 4, 8, 16-bit buffers; wdtype: 0 fp32, 1 bf16, 2 fp16
-// (scales and d16); x_16bit: x came in a 16-bit dtype (then the integer path may round it
-// to int16, which such an x cannot tell apart; fp32 x keeps exact fp32 arithmetic);
-// out: fp32 [M, n_seg*R]. Returns 0, or 1 with a message in err.
-extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int64_t* ids, const int32_t* slot,
-                                int64_t n_slices, int64_t n_seg, int64_t R, int64_t group_size, int wdtype,
-                                const void* const* bufs, const int64_t* counts, int n_threads, int x_16bit,
-                                float* out, char* err, int64_t err_len) {
+// x: [M, K] in xdtype (0 fp32, 1 bf16, 2 fp16); ids: int64 [M] expert of each x row, or
+// NULL (a 2D weight: expert 0); slot: int32 [n_slices, 3] (bits, row in its buffer, -),
+// n_slices = E * n_seg; bufs: 13 pointers q2 s2 z2 q3 s3 z3 q4 s4 z4 q8 s8 z8 d16 (NULL
+// when absent); counts: entries n_b of the 2, 3, 4, 8, 16-bit buffers; wdtype: dtype of
+// the scales and d16, coded as xdtype; out: [M, n_seg*R] in xdtype, rounded to nearest
+// even from the fp32 sums. A 16-bit x may take the integer path (rounded to int16, which
+// such an x cannot tell apart); fp32 x keeps exact fp32 arithmetic. Returns 0, or 1 with
+// a message in err.
+extern "C" int moe_ao_packed_mm(const void* x, int xdtype, int64_t M, int64_t K, const int64_t* ids,
+                                const int32_t* slot, int64_t n_slices, int64_t n_seg, int64_t R, int64_t group_size,
+                                int wdtype, const void* const* bufs, const int64_t* counts, int n_threads, void* out,
+                                char* err, int64_t err_len) {
   if (M <= 0 || K <= 0 || R <= 0 || n_seg <= 0 || n_slices % n_seg != 0) return fail(err, err_len, "bad shapes");
   if (group_size <= 0 || K % group_size != 0) return fail(err, err_len, "group_size must divide K");
   const int64_t E = n_slices / n_seg;
+  const int x_16bit = xdtype != F32;
+  // Converting here, not in torch: each torch conversion op cost ~3 us of dispatch per call.
+  std::vector<float> xbuf, obuf;
+  if (x_16bit) {
+    xbuf.resize(size_t(M * K));
+    scales_to_f32(xdtype, x, M * K, xbuf.data(), M * K);
+    obuf.resize(size_t(M * n_seg * R));
+  }
   Problem P;
-  P.x = x;
+  P.x = x_16bit ? xbuf.data() : static_cast<const float*>(x);
   P.M = M;
   P.K = K;
   P.R = R;
@@ -541,7 +565,7 @@ extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int6
   P.G = K / group_size;
   P.G16 = (P.G + LANES - 1) / LANES * LANES;
   P.wdtype = wdtype;
-  P.out = out;
+  P.out = x_16bit ? obuf.data() : static_cast<float*>(out);
   for (int i = 0; i < N_WIDTHS - 1; ++i) {
     P.buf[i].q = static_cast<const uint8_t*>(bufs[3 * i]);
     P.buf[i].s = bufs[3 * i + 1];
@@ -589,7 +613,7 @@ extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int6
       P.xs.resize(size_t(M * P.G));
       P.xisum.resize(size_t(M * P.G));
       for (int64_t m = 0; m < M; ++m)
-        quantize_x(x + m * K, K, group_size, xi.data() + m * K, P.xs.data() + m * P.G, P.xisum.data() + m * P.G);
+        quantize_x(P.x + m * K, K, group_size, xi.data() + m * K, P.xs.data() + m * P.G, P.xisum.data() + m * P.G);
     }
     P.int16[wi] = true;
     P.xq[wi].resize(size_t(M * K));
@@ -605,11 +629,11 @@ extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int6
     const int64_t nblk = n_blocks(K, bits);
     P.xp_stride[wi] = nblk * LANES * codes_per_lane(bits);  // a multiple of 16: rows stay aligned
     P.xp[wi].resize(size_t(M * P.xp_stride[wi]));
-    for (int64_t m = 0; m < M; ++m) permute_x(x + m * K, K, bits, nblk, P.xp[wi].data() + m * P.xp_stride[wi]);
+    for (int64_t m = 0; m < M; ++m) permute_x(P.x + m * K, K, bits, nblk, P.xp[wi].data() + m * P.xp_stride[wi]);
   }
   P.xsum.assign(size_t(M * P.G16), 0.f);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < P.G; ++g) P.xsum[size_t(m * P.G16 + g)] = sum(x + m * K + g * group_size, group_size);
+    for (int64_t g = 0; g < P.G; ++g) P.xsum[size_t(m * P.G16 + g)] = sum(P.x + m * K + g * group_size, group_size);
 
   const int64_t tiles_per_task = (R + TILE - 1) / TILE;
   const int64_t n_items = int64_t(tasks.size()) * tiles_per_task;
@@ -627,5 +651,6 @@ extern "C" int moe_ao_packed_mm(const float* x, int64_t M, int64_t K, const int6
       run_tile(P, t, r0, std::min(R, r0 + TILE), sbuf, zterm);
     }
   }
+  if (x_16bit) from_f32(xdtype, obuf.data(), int64_t(obuf.size()), out);
   return 0;
 }

@@ -74,6 +74,15 @@ class PackedWeight(TorchAOBaseTensor):
         self.q4, self.s4, self.z4, self.q8, self.s8, self.z8 = q4, s4, z4, q8, s8, z8
         self.d16 = d16
 
+    def __tensor_flatten__(self) -> tuple[list[str], dict]:
+        # A compiled model calls this twice per packed weight on every call (its metadata
+        # guard, then unwrapping the subclass input); the generic version took ~10 us. The
+        # fields never change after __init__, so it is computed once per tensor.
+        flat = self.__dict__.get("_flat")
+        if flat is None:
+            flat = self._flat = super().__tensor_flatten__()
+        return list(flat[0]), dict(flat[1])
+
     # ------------------------------------------------------------------ build
     @classmethod
     def from_slices(

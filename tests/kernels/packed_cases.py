@@ -13,6 +13,7 @@ it allows ~K/8 ulps. A wrong code, scale or group is off by O(s |x|) instead, 10
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_ao.quant.primitives import QuantizedWeight
 from moe_ao.tensors.packed import PackedWeight
@@ -75,3 +76,16 @@ def mixed_bank(E: int, n_seg: int, R: int, K: int, group_size: int, symmetric: b
     W = torch.stack([d[0] for d in deq]).reshape(E, n_seg * R, K)
     mag = torch.stack([d[1] for d in deq]).reshape(E, n_seg * R, K)
     return w, W, mag
+
+
+class OpCalls(TorchDispatchMode):
+    """Records the moe_ao ops that run while active (``names``), in call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "moe_ao":
+            self.names.append(func._opname)
+        return func(*args, **(kwargs or {}))
