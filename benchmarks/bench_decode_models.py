@@ -19,7 +19,10 @@ top-k routed experts' share of each expert bank, lm_head; read from ``memory_rep
 and the implied bandwidth next to a memcpy measured in the same run. At these sizes
 (10-12 MB of weights) the weights stay in cache and per-token overheads dominate, so
 this measures framework overhead more than bandwidth; the Mixtral-shaped layer in
-``bench_cpu_decode.py`` measures the bandwidth-bound regime.
+``bench_cpu_decode.py`` measures the bandwidth-bound regime. To show how much of a
+token any weight format can save at all, one more bf16 compiled decode runs under
+torch.profiler and reports the share of its wall time spent in matmul ops (the
+Amdahl ceiling on a speed-up from lighter weights).
 """
 
 from __future__ import annotations
@@ -90,6 +93,30 @@ def variants(name: str, budget: float) -> tuple[dict[str, torch.nn.Module], dict
     return out, nbytes, plan.meta["avg_bits"]
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::linear", "aten::matmul")
+
+
+@torch.no_grad()
+def matmul_share(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+    """Share of a decode's wall time spent in matmuls (outermost matmul ops, children included),
+    under torch.profiler: the part of the time that lighter weights could shorten."""
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    wall_us = (time.perf_counter() - t) * 1e6
+
+    def outermost(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name in MATMULS:
+                return False
+            p = p.cpu_parent
+        return True
+
+    busy = sum(e.cpu_time_total for e in prof.events() if e.name in MATMULS and outermost(e))
+    return busy / wall_us
+
+
 @torch.no_grad()
 def tokens_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
     t = time.perf_counter()
@@ -110,6 +137,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[str]:
             speeds[label].append(tokens_per_s(m, ids, args.new_tokens)[0])
     med = {k: statistics.median(v) for k, v in speeds.items()}
     gbs = memcpy_gbs()
+    share = matmul_share(ms["bf16 compiled"], ids, args.new_tokens)
     same = {q: torch.equal(outputs[q], outputs[q.replace("compiled", "eager")]) for q in ms if "compiled" in q}
     lines = [f"## {name}: first-k plan (all 2-bit, first blocks' FFN 4-bit) at {avg_bits:.2f} average bits"
              f" (RTN), memcpy {gbs:.1f} GB/s", "",
@@ -120,7 +148,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[str]:
         lines.append(f"| {label} | {tps:.1f} | {nbytes[label] / 1e6:.2f} | {bw:.2f} | {100 * bw / gbs:.0f}% |"
                      f" {tps / med['bf16 eager']:.2f}x | {tps / med['bf16 compiled']:.2f}x |")
     lines += ["", "Compiled decode gives the same tokens as eager: "
-              + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in same.items()) + ".", ""]
+              + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in same.items()) + ".", "",
+              f"Matmuls take {100 * share:.0f}% of bf16 compiled decode (torch.profiler, one run): even free"
+              f" weight matmuls would make it at most {1 / (1 - share):.2f}x faster.", ""]
     return lines
 
 

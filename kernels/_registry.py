@@ -9,7 +9,9 @@ buffers (measured on the CI-class CPU): more than the decode GEMV of a small exp
 takes. The kernels serve inference only (their callers route anything that needs a
 gradient to the differentiable reference), so they are defined with
 ``torch.library.Library`` directly, ~5 us a call, and stay visible to torch.compile and
-export through a registered fake implementation.
+export through a registered fake implementation. The CPU ops go one step further: their
+CPU kernels are registered from C++ (``csrc/packed_ops.cpp``), since a Python
+implementation alone cost ~60 us a call in argument boxing, ctypes and checks.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def buffers_of(w: PackedWeight) -> list[Tensor | None]:
     return [getattr(w, name) for name in BUFFER_NAMES]
 
 
+def device_and_dtype(w: PackedWeight) -> tuple[str, torch.dtype]:
+    """w's device type and float dtype, read from its inner tensors.
+
+    The wrapper's own ``.device`` and ``.dtype`` go through ``__torch_function__`` (~5 us
+    each, on every decode call).
+
+    Args:
+        w: a packed weight.
+
+    Returns:
+        (device type, e.g. ``"cpu"``; dtype of its scales and float slices).
+    """
+    ref = next(t for t in (w.s2, w.s3, w.s4, w.s8, w.d16) if t is not None)
+    return w.slot.device.type, ref.dtype
+
+
 def _linear_fake(x, slot, out_features, n_seg, group_size, buffers):
     return x.new_empty(x.shape[0], out_features)
 
@@ -52,9 +70,9 @@ def define_packed_ops(prefix: str, run: Callable[..., Tensor], devices: Sequence
 
     Args:
         prefix: op name prefix (``""`` for the CPU kernel, ``"triton_"``).
-        run: ``run(x, ids or None, slot, out_features, n_seg, group_size, buffers)``,
-            looked up by the caller at call time (so tests may wrap it).
-        devices: dispatch keys served by ``run``.
+        run: ``run(x, ids or None, slot, out_features, n_seg, group_size, buffers)``.
+        devices: dispatch keys served by ``run`` (``"CompositeExplicitAutograd"``: every
+            key without a kernel of its own, e.g. until a C++ library registers one).
     """
     schemas = {f"{prefix}packed_linear(Tensor x, {_ARGS}) -> Tensor": (lambda x, *a: run(x, None, *a), _linear_fake),
                f"{prefix}packed_experts_linear(Tensor x, Tensor ids, {_ARGS}) -> Tensor": (run, _experts_fake)}

@@ -10,7 +10,8 @@ bf16. The C++ kernel in ``csrc/packed_gemv.cpp`` instead streams the packed code
 
     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j),
 
-in fp32, parallel over output rows. Two ops expose it (schemas and fakes from
+in fp32 (on AVX2 CPUs, for 16-bit x at 2/4/8 bits, in int16 x int16 -> int32 per group:
+see ``int16_path``), parallel over output rows. Two ops expose it (schemas and fakes from
 ``moe_ao.kernels._registry``, CPU implementations in ``csrc/packed_ops.cpp``), each with
 a plain-PyTorch reference beside it (dequantize + matmul):
 
@@ -47,16 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_ao.kernels._registry import buffers_of, define_packed_ops
+from moe_ao.kernels._registry import buffers_of, define_packed_ops, device_and_dtype
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight
 
 __all__ = [
     "DISABLE_ENV",
-    "device_and_dtype",
-    "int16_path",
     "MAX_KERNEL_ROWS",
+    "int16_path",
     "kernel_ok",
     "packed_experts_linear",
     "packed_experts_linear_reference",
@@ -71,7 +71,7 @@ DISABLE_ENV = "MOE_AO_DISABLE_CPP"
 # compiled, on 2 threads), so they cross near M = 64 against compiled code. Prefill
 # (hundreds of rows) belongs to dequantize + GEMM; 16 covers decode with a margin.
 MAX_KERNEL_ROWS = 16
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel takes for x and the scales
 _CODES_PER_WORD = {2: 16, 3: 8, 4: 8, 8: 4}  # codes per 32-bit lane word in the kernel
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "packed_gemv.cpp", _CSRC / "packed_ops.cpp"]  # the kernel (plain C), its torch ops
@@ -139,6 +139,9 @@ def _first_call(x: Tensor, ids: Tensor | None, *args) -> Tensor:
         raise NotImplementedError(f"moe_ao::packed_linear and packed_experts_linear serve CPU tensors, got x on "
                                   f"{x.device}; on CUDA the wrappers call the moe_ao::triton_ ops")
     _load()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("moe_ao::packed_linear", "CPU"):
+        raise RuntimeError(f"moe_ao: the library built in {_build_dir()} registered no CPU kernels; delete that "
+                           f"folder to rebuild it")
     if ids is None:
         return torch.ops.moe_ao.packed_linear.default(x, *args)
     return torch.ops.moe_ao.packed_experts_linear.default(x, ids, *args)
@@ -150,13 +153,6 @@ define_packed_ops("", _first_call, ("CompositeExplicitAutograd",))
 # ----------------------------------------------------------------- public wrappers
 def _disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "") not in ("", "0")
-
-
-def device_and_dtype(w: PackedWeight) -> tuple[str, torch.dtype]:
-    """w's device type and dtype, read from its inner tensors: the wrapper's own ``.device``
-    and ``.dtype`` go through ``__torch_function__`` (~5 us each, on every decode call)."""
-    ref = next(t for t in (w.s2, w.s3, w.s4, w.s8, w.d16) if t is not None)
-    return w.slot.device.type, ref.dtype
 
 
 def kernel_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
@@ -171,8 +167,8 @@ def kernel_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
     return (
         x.device.type == "cpu"
         and w_device == "cpu"
-        and x.dtype in _DTYPE_CODE
-        and w_dtype in _DTYPE_CODE
+        and x.dtype in _DTYPES
+        and w_dtype in _DTYPES
         and x.shape[-1] == w.logical_shape[-1]
         and 1 <= rows <= MAX_KERNEL_ROWS
         and all(w.group_size % _CODES_PER_WORD[b] == 0 for b in quant_bits)

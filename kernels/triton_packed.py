@@ -37,8 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from moe_ao.kernels._registry import BUFFER_NAMES, buffers_of, define_packed_ops
-from moe_ao.kernels.cpu_packed import device_and_dtype
+from moe_ao.kernels._registry import BUFFER_NAMES, buffers_of, define_packed_ops, device_and_dtype
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight

@@ -31,12 +31,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=d.out, help="where the quantized checkpoint and report go")
 
 
-def _add_sensitivity_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    what = ("measure every unit's KL sensitivity for the knapsack optimizer (a forward pass per unit and"
-            " width: minutes on the embedded models)" if default is None else
-            "knapsack only, when profiling now: kl = measured output KL per unit (best, minutes on the embedded"
-            " models), hessian = Hessian-weighted error proxy (one pass)")
-    p.add_argument("--sensitivity", choices=("kl", "hessian") if default else ("kl",), default=default, help=what)
+def _add_sensitivity_args(p: argparse.ArgumentParser, plan_command: bool) -> None:
+    if plan_command:
+        what = ("knapsack only: kl = measured output KL per unit (best; when profiling now, minutes on the embedded"
+                " models; the default), hessian = Hessian-weighted error proxy (one pass). With --profile it picks"
+                " the profile's table (default: KL if the profile has one)")
+        p.add_argument("--sensitivity", choices=("kl", "hessian"), default=None, help=what)
+    else:
+        what = ("measure every unit's KL sensitivity for the knapsack optimizer (a forward pass per unit and"
+                " width: minutes on the embedded models)")
+        p.add_argument("--sensitivity", choices=("kl",), default=None, help=what)
     p.add_argument("--kl-windows", type=int, default=16, help="calibration windows the KL is measured on")
 
 
@@ -57,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--hessians", action="store_true", help="also keep every unit's input Hessian")
-    _add_sensitivity_args(p, default=None)
+    _add_sensitivity_args(p, plan_command=False)
     p.add_argument("--group-size", default="auto", help="group size the KL sensitivities are measured at"
                    " (int or 'auto'); plan with the same one")
     p.add_argument("-o", "--output", required=True, help="profile file (.pt)")
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strategy parameter, repeatable (values read as JSON), e.g. --param k=2")
     p.add_argument("--group-size", default="auto", help="int or 'auto' (largest of 128/64/32 dividing each unit)")
     p.add_argument("--profile", help="profile file from `moe-ao profile` (else profiled now when needed)")
-    _add_sensitivity_args(p, default="kl")
+    _add_sensitivity_args(p, plan_command=True)
     p.add_argument("--calibration", default="wikitext2-valid")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
@@ -157,14 +161,18 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     group = _group_size(args.group_size)
     model, tok = models.load(args.model)
     stats = None
+    sensitivity = args.sensitivity
     if args.profile:
         stats = Profile.load(args.profile)
     elif args.strategy in DATA_STRATEGIES:
+        sensitivity = sensitivity or "kl"
         calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, args.seed, model.config)
-        stats = profile(model, calib, hessians=spec.optimizer and args.sensitivity == "hessian", seed=args.seed)
-        if spec.optimizer and args.sensitivity == "kl" and "sensitivities" not in params:
+        stats = profile(model, calib, hessians=spec.optimizer and sensitivity == "hessian", seed=args.seed)
+        if spec.optimizer and sensitivity == "kl" and "sensitivities" not in params:
             measure_sensitivities(model, calib, stats, group_size=group, kinds=params.get("kinds") or PLANNED_KINDS,
                                   kl_windows=args.kl_windows)
+    if spec.optimizer and sensitivity and "sensitivities" not in params:
+        params.setdefault("sensitivity", sensitivity)
     p = plan(model, args.strategy, budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group, **params)
     p.to_json(args.output)
     print(summarize(p, model))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from moe_ao.kernels import triton_packed
+from moe_ao.kernels._registry import device_and_dtype
 from moe_ao.kernels.cpu_packed import packed_experts_linear
 from moe_ao.kernels.grouped_mm import grouped_mm
 from moe_ao.tensors.packed import PackedWeight
@@ -38,7 +39,7 @@ def _experts_matvec(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> t
     if isinstance(bank, PackedWeight):  # kernels read the packed codes: no dense copy
         if triton_packed.triton_ok(x, bank, x.shape[0]):
             return triton_packed.packed_experts_linear(x, bank, ids)
-        if bank.device.type == "cpu":
+        if device_and_dtype(bank)[0] == "cpu":
             return packed_experts_linear(x, bank, ids)  # the C++ kernel, or its reference
     return torch.bmm(bank[ids], x.unsqueeze(-1)).squeeze(-1)
 

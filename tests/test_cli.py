@@ -51,6 +51,10 @@ def test_profile_with_kl_sensitivities_then_knapsack_plan(tmp_path, capsys):
     assert main(["plan", "--model", "tiny-mixtral", "--strategy", "knapsack", "--budget", "2.5", "--group-size", "64",
                  "--profile", str(prof), "-o", str(plan_file)]) == 2
     assert "measured at group_size=32, the plan uses 64" in capsys.readouterr().err
+    # With --profile, an explicit --sensitivity picks the table the knapsack uses.
+    assert main(["plan", "--model", "tiny-mixtral", "--strategy", "knapsack", "--budget", "2.5", "--group-size", "32",
+                 "--profile", str(prof), "--sensitivity", "hessian", "-o", str(plan_file)]) == 0
+    assert moe_ao.Plan.from_json(str(plan_file)).meta["details"]["sensitivity"] != "kl-gptq"
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@
 // Portable GCC vector extensions of one machine register (-march=native): 16 x fp32 with
 // AVX-512, 8 x fp32 otherwise
 // (AVX2, or a pair of NEON registers). Emulating 16 lanes on AVX2 would split every
-// variable shuffle into scalar code (measured 10x slower on an AVX2-only EPYC).
+// variable shuffle into scalar code (measured ~7x slower on an AVX2-only EPYC).
 //
 // The sum never materialises dequantized weights:
 //     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j)
@@ -75,79 +75,7 @@ int width_index(int bits) {
 
 int codes_per_lane(int bits) { return bits == 2 ? 16 : bits == 8 ? 4 : 8; }
 
-inline vf load_f32(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float hsum(vf v) {  // a tree: log2(LANES) dependent adds, not LANES - 1
-  float a[LANES];
-  std::memcpy(a, &v, sizeof v);
-  for (int w = LANES / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
-}
-
-// LANES values of a 16-bit or 32-bit float array as fp32.
-template <int DT> inline vf loadv(const void* p, int64_t i);
-template <> inline vf loadv<F32>(const void* p, int64_t i) {
-  return load_f32(static_cast<const float*>(p) + i);
-}
-template <> inline vf loadv<BF16>(const void* p, int64_t i) {
-  vh h;
-  std::memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
-  vu w = __builtin_convertvector(h, vu) << 16;  // bf16 is the top half of an fp32
-  vf v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
-template <> inline vf loadv<F16>(const void* p, int64_t i) {
-  vhf h;
-  std::memcpy(&h, static_cast<const _Float16*>(p) + i, sizeof h);
-  return __builtin_convertvector(h, vf);
-}
-
-template <int DT> inline float load1(const void* p, int64_t i);
-template <> inline float load1<F32>(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
-template <> inline float load1<BF16>(const void* p, int64_t i) {
-  uint32_t w = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &w, sizeof f);
-  return f;
-}
-template <> inline float load1<F16>(const void* p, int64_t i) { return float(static_cast<const _Float16*>(p)[i]); }
-
-// n values -> fp32 dst (dst has room for a multiple of 16 beyond n, zero-filled).
-template <int DT> void to_f32(const void* src, int64_t n, float* dst, int64_t padded) {
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) {
-    vf v = loadv<DT>(src, i);
-    std::memcpy(dst + i, &v, sizeof v);
-  }
-  for (; i < n; ++i) dst[i] = load1<DT>(src, i);
-  for (; i < padded; ++i) dst[i] = 0.f;
-}
-
-// fp32 -> n values of dtype dt (1 bf16, 2 fp16), rounded to nearest even as torch rounds.
-void from_f32(int dt, const float* src, int64_t n, void* dst) {
-  if (dt == F16) {
-    for (int64_t i = 0; i < n; ++i) static_cast<_Float16*>(dst)[i] = _Float16(src[i]);
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &src[i], sizeof u);
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    static_cast<uint16_t*>(dst)[i] = nan ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
-void scales_to_f32(int dt, const void* src, int64_t n, float* dst, int64_t padded) {
-  if (dt == BF16) to_f32<BF16>(src, n, dst, padded);
-  else if (dt == F16) to_f32<F16>(src, n, dst, padded);
-  else to_f32<F32>(src, n, dst, padded);
-}
+#include "packed_gemv_loads.h"
 
 // ---------------------------------------------------------------------------- x setup
 // The factor code<BITS>(w, j) leaves on q_j, undone on x: 2^(-8j) for the in-place 8-bit codes.
@@ -204,7 +132,7 @@ struct ScaleMap {
     }
   }
 
-  // srow: fp32 scales of one row, zero-padded by 16 (tail lanes may point past G).
+  // srow: fp32 scales of one row, zero-padded by LANES (tail lanes may point past G).
   inline vf load(const float* srow, int64_t blk) const {
     if (mode == BROADCAST) return vf{} + srow[group[size_t(blk)]];
     if (mode == PERMUTE) return __builtin_shuffle(load_f32(srow + blk * groups_per_block), pattern);
@@ -357,8 +285,8 @@ struct Problem {
   Buffers buf[N_WIDTHS];
   AlignedFloats xp[N_WIDTHS];  // [M, xp_stride] x in lane order, per width
   int64_t xp_stride[N_WIDTHS] = {};
-  std::vector<float> xsum;  // [M, G16] group sums of x
-  int64_t G16 = 0;
+  std::vector<float> xsum;  // [M, G_pad] group sums of x
+  int64_t G_pad = 0;
 #ifdef MOE_AO_INT16
   bool int16[N_WIDTHS] = {};                           // widths taking the integer path
   std::vector<int16_t, Aligned64<int16_t>> xq[N_WIDTHS];  // [M, K] x as int16, in madd order
@@ -394,7 +322,7 @@ void int16_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::ve
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = t.pos * P.R + r;
     scales_to_f32(P.wdtype, static_cast<const char*>(B.s) + row * P.G * (P.wdtype == F32 ? 4 : 2), P.G,
-                  sbuf.data(), P.G16 + LANES);
+                  sbuf.data(), P.G_pad + LANES);
     const uint8_t* zrow = B.z ? B.z + row * P.G : nullptr;
     int first = 0;
     for (; first + MAX_MT <= t.nrows; first += MAX_MT)
@@ -453,20 +381,20 @@ void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::ve
     const int64_t row = t.pos * P.R + r;
     float* srow = sbuf.data();
     scales_to_f32(P.wdtype, static_cast<const char*>(B.s) + row * P.G * (P.wdtype == F32 ? 4 : 2), P.G, srow,
-                  P.G16 + LANES);
+                  P.G_pad + LANES);
     // zero-point term per x row: sum_g s_g z_g xsum_g (symmetric: z is the constant zsym)
     const float* sz = srow;
     if (B.z) {
       const uint8_t* zrow = B.z + row * P.G;
-      float* szbuf = srow + P.G16 + LANES;
+      float* szbuf = srow + P.G_pad + LANES;
       for (int64_t g = 0; g < P.G; ++g) szbuf[g] = srow[g] * float(zrow[g]);
-      for (int64_t g = P.G; g < P.G16; ++g) szbuf[g] = 0.f;
+      for (int64_t g = P.G; g < P.G_pad; ++g) szbuf[g] = 0.f;
       sz = szbuf;
     }
     for (int i = 0; i < t.nrows; ++i) {
-      const float* xs = P.xsum.data() + t.rows[i] * P.G16;
+      const float* xs = P.xsum.data() + t.rows[i] * P.G_pad;
       vf a = vf{};
-      for (int64_t g = 0; g < P.G16; g += LANES) a += load_f32(sz + g) * load_f32(xs + g);
+      for (int64_t g = 0; g < P.G_pad; g += LANES) a += load_f32(sz + g) * load_f32(xs + g);
       zterm[size_t(i)] = B.z ? a : a * zsym;  // reduced together with the row's dot product
     }
     quant_row_chunks<BITS>(P, t, r, srow, zterm.data(), sm);
@@ -563,7 +491,7 @@ extern "C" int moe_ao_packed_mm(const void* x, int xdtype, int64_t M, int64_t K,
   P.N = n_seg * R;
   P.gs = group_size;
   P.G = K / group_size;
-  P.G16 = (P.G + LANES - 1) / LANES * LANES;
+  P.G_pad = (P.G + LANES - 1) / LANES * LANES;
   P.wdtype = wdtype;
   P.out = x_16bit ? obuf.data() : static_cast<float*>(out);
   for (int i = 0; i < N_WIDTHS - 1; ++i) {
@@ -631,9 +559,9 @@ extern "C" int moe_ao_packed_mm(const void* x, int xdtype, int64_t M, int64_t K,
     P.xp[wi].resize(size_t(M * P.xp_stride[wi]));
     for (int64_t m = 0; m < M; ++m) permute_x(P.x + m * K, K, bits, nblk, P.xp[wi].data() + m * P.xp_stride[wi]);
   }
-  P.xsum.assign(size_t(M * P.G16), 0.f);
+  P.xsum.assign(size_t(M * P.G_pad), 0.f);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < P.G; ++g) P.xsum[size_t(m * P.G16 + g)] = sum(P.x + m * K + g * group_size, group_size);
+    for (int64_t g = 0; g < P.G; ++g) P.xsum[size_t(m * P.G_pad + g)] = sum(P.x + m * K + g * group_size, group_size);
 
   const int64_t tiles_per_task = (R + TILE - 1) / TILE;
   const int64_t n_items = int64_t(tasks.size()) * tiles_per_task;
@@ -642,7 +570,7 @@ extern "C" int moe_ao_packed_mm(const void* x, int xdtype, int64_t M, int64_t K,
   const int threads = weights < SERIAL_WEIGHTS ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_items)));
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<float> sbuf(size_t(2 * (P.G16 + LANES)), 0.f);
+    std::vector<float> sbuf(size_t(2 * (P.G_pad + LANES)), 0.f);
     std::vector<vf> zterm(static_cast<size_t>(M));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_items; ++item) {

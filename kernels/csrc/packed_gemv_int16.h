@@ -7,8 +7,10 @@
 // int->fp32 conversion, FMA) and stays compute bound at about half the DRAM bandwidth.
 // Here x is rounded to 16-bit fixed point per group, x ~ xs_g * xi with xs_g = max|x_g| /
 // 32767, and each code meets x in vpmaddwd (16 code x int16 products summed in pairs into
-// 8 int32 lanes): ~1 instruction per 4 codes. Per group, s_g * xs_g * (Σ q xi - z_g Σ xi)
-// is exact in int32 and rounded once to fp32. The rounding of x, at most 2^-16 of the
+// 8 int32 lanes): ~1 instruction per 4 codes. Per group, Σ q xi - z_g Σ xi is exact in
+// int32 in each of the 8 lanes (lane 0 also carries -z_g Σ xi); each lane is then converted
+// to fp32 and scaled by s_g * xs_g, so a group's sum is rounded at the scale of its largest
+// lane, as the fp32 path rounds Σ q x - z Σ x. The rounding of x, at most 2^-16 of the
 // group's largest |x|, is 2^7 times finer than the bf16 activations of a bf16 model.
 //
 // Used for bf16/fp16 x at 2, 4 and 8 bits with group sizes 64 and 128 (multiples of a
@@ -86,7 +88,7 @@ inline float hsum256(__m256 v) {
 }
 
 // dots[t] = Σ_g s_g xs_tg Σ_{k in g} (q_k - z_g) xi_tk for one packed row; z_g = zrow[g],
-// or zsym when zrow is null. The integer part Σ (q - z) xi of each group is exact.
+// or zsym when zrow is null. The integer part Σ (q - z) xi of each group is exact per lane.
 template <int BITS, int MT>
 void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
                const int16_t* const* xq, const float* const* xs, const int32_t* const* isum, float* dots) {

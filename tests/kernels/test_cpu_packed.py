@@ -6,7 +6,7 @@ and tolerances: ``packed_cases``.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,7 +79,8 @@ def test_packed_experts_linear_vs_float64(n_seg, symmetric, dtype):
 def test_integer_path_where_the_cpu_has_avx2_only():
     """The integer path (x rounded to int16 per group) serves 2/4/8 bits at groups of 64 and
     128 on AVX2 machines without AVX-512, such as the CI machine; elsewhere the fp32 path."""
-    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     avx2_only = "avx2" in flags and "avx512f" not in flags
     for bits, gs in [(2, 64), (4, 128), (8, 64)]:
         assert cpu_packed.int16_path(bits, gs) == avx2_only
