@@ -100,7 +100,7 @@ def gemv_variants(N: int, K: int, group_size: int, device: torch.device, rotate_
              "bf16 F.linear")
     for bits in (2, 3, 4, 8):
         rotating(lambda b=bits: random_packed((N, K), 1, [b], group_size).to(device),
-                 slice_bytes(N, K, bits, group_size), lambda w: packed_linear(x, w), f"moe_ao {bits}-bit (g128)")
+                 slice_bytes(N, K, bits, group_size), lambda w: packed_linear(x, w), f"moe_ao {bits}-bit (g{group_size})")
     return out
 
 

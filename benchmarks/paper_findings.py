@@ -49,7 +49,7 @@ FINDINGS = [
      " = 65.35 vs 64.30.",
      [("combination@3.0", "uniform3"), ("combination", "uniform3")]),
     (f"Optimizer ≤ {OPT_RATIO}× the best heuristic's KL at equal or fewer true bits",
-     "Not in the paper: moe_ao's knapsack over measured per-unit KL sensitivities (GPTQ, widths 2/3/4/8, mixed"
+     "Not in the paper: moe_ao's knapsack over measured per-unit KL sensitivities (the grid's quantizer, widths 2/3/4/8, mixed"
      " per linear); the target is the project's.",
      "optimizer"),
 ]

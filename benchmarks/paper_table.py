@@ -16,7 +16,8 @@ the calibration/evaluation setup. A rerun skips them.
 Writes ``<out>_<model>.md/.json/.png`` (table, raw numbers, true bits vs KL with the
 Pareto front) and ``findings.md`` in the same folder.
 
-Defaults sized for a shared 2-core CPU (~11 min per embedded model with GPTQ): 64
+Defaults sized for a shared 2-core CPU (~11 min per embedded model with GPTQ for the
+heuristics, plus 6-22 min for the knapsack's KL sensitivities, cached on disk): 64
 calibration windows of 256 tokens (half the other benchmarks' 128; GPTQ time is mostly
 the layer-wise forwards, so it halves too) and one torch thread (OpenMP spin-waits made
 two threads ~10x slower on a loaded machine). lm-eval is off by default: each cell
@@ -212,7 +213,8 @@ class ModelRun:
     @cached_property
     def kl_stats(self):
         """The profile plus measured KL sensitivities, cached on disk (the grid's slowest step)."""
-        key = _sha({"model": self.model_hash, "setup": self.setup, "kl_windows": self.args.kl_windows})
+        key = _sha({"model": self.model_hash, "setup": self.setup, "kl_windows": self.args.kl_windows,
+                    "quantizer": self.args.method})
         path = self.cache_dir / f"{self.tag}-kl-sensitivities-{key[:24]}.json"
         stats = copy.copy(self.stats)
         if path.exists():
@@ -222,7 +224,7 @@ class ModelRun:
             return stats
         t = time.perf_counter()
         measure_sensitivities(self.model, self.calibration, stats, group_size=GROUP_SIZE,
-                              kl_windows=self.args.kl_windows, progress=False)
+                              quantizer=self.args.method, kl_windows=self.args.kl_windows, progress=False)
         stats.sensitivity_setup["seconds"] = time.perf_counter() - t
         logger.info("%s: measured KL sensitivities of %d units in %.0f s", self.tag, len(stats.sensitivities),
                     stats.sensitivity_setup["seconds"])

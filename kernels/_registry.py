@@ -11,7 +11,8 @@ gradient to the differentiable reference), so they are defined with
 ``torch.library.Library`` directly, ~5 us a call, and stay visible to torch.compile and
 export through a registered fake implementation. The CPU ops go one step further: their
 CPU kernels are registered from C++ (``csrc/packed_ops.cpp``), since a Python
-implementation alone cost ~60 us a call in argument boxing, ctypes and checks.
+implementation made a call on a 192-wide linear take ~76 us instead of ~20 us (argument
+boxing, ctypes, checks and dtype conversions).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ are compiled, at first use (so ``TRITON_INTERPRET`` is read then).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,8 @@ from moe_ao.kernels._registry import BUFFER_NAMES, buffers_of, define_packed_ops
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DISABLE_ENV", "MAX_ROWS", "available", "packed_experts_linear", "packed_linear", "triton_ok"]
 
@@ -54,10 +57,12 @@ _BN = 64  # output rows per program
 
 @functools.cache
 def available() -> bool:
-    """Whether Triton can be imported."""
+    """Whether Triton can be imported (asked for CUDA tensors only; says once when not)."""
     try:
         import triton  # noqa: F401
     except ImportError:
+        logger.warning("Triton is not installed: packed weights on CUDA use dequantize + matmul (slow decode);"
+                       " pip install triton")
         return False
     return True
 

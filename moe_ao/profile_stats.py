@@ -8,6 +8,7 @@ around. Shapes: E experts of that layer, n sampled tokens, d hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,20 @@ class Profile:
         """Share of top-k selections per expert of ``layer`` (sums to 1)."""
         counts = self.routing_counts[layer].double()
         return counts / counts.sum().clamp_min(1)
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, remembered under ``key`` for this Profile's lifetime (never saved).
+
+        Args:
+            key: hashable; it must determine the result together with the Profile's data.
+            compute: called once per key.
+
+        Returns:
+            The remembered or newly computed result.
+        """
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def save(self, path: str) -> None:
         torch.save({k: v for k, v in self.__dict__.items() if k != "_memo"}, path)

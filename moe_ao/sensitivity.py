@@ -17,7 +17,7 @@ Cost: per (unit, width) one forward of the layers from u's own onwards over the
 measured tokens, about ``n_units * n_widths * n_layers / 2`` layer forwards in all,
 plus one pass over every calibration window per layer for GPTQ's Hessians. On the
 embedded 7-layer models (196 / 337 units, widths {2, 3, 4, 8}, 16 x 256 tokens) that
-is 5-15 minutes on two CPU cores. The Hessian proxy
+is 3-6 minutes per model on two idle CPU cores (tiny-mixtral: 346 s). The Hessian proxy
 (:func:`moe_ao.planner.scorers.sensitivity_table`) costs one profiling pass and is the
 scalable choice for models with thousands of experts.
 
@@ -36,6 +36,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -135,7 +136,7 @@ class _Reference:
     def _pieces(self, final: LayerInputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(ids, hidden) in pieces of about HEAD_ELEMENTS logits: the [b, L, V] temporaries of a
         whole chunk would exceed malloc's mmap threshold and fault in fresh pages on every
-        measurement (measured on tiny-mixtral: 70% of the time in the kernel, 1.8x slower)."""
+        measurement (measured on tiny-mixtral: 70% of the time in the kernel, 1.7x slower)."""
         for ids, h in zip(self.chunks, final.hidden):
             step = max(1, HEAD_ELEMENTS // (ids.shape[1] * self.head.vocab))
             yield from zip(ids.split(step), h.split(step))
@@ -179,15 +180,26 @@ def _hessians(
     return hessians, fallbacks
 
 
+@dataclass(frozen=True)
+class _Quantize:
+    """How the candidates are quantized: widths, per-unit group sizes, symmetry, scale dtype."""
+
+    bits: Sequence[int]
+    group_sizes: dict[str, int]
+    symmetric: bool
+    scale_dtype: torch.dtype
+
+
 def _candidates(
     weights: dict[str, torch.Tensor], units: list[Unit], hessians: dict[str, torch.Tensor], bits: int,
-    group_sizes: dict[str, int], symmetric: bool, scale_dtype: torch.dtype,
+    quant: _Quantize,
 ) -> dict[str, torch.Tensor]:
     """unit -> its weight quantized at ``bits`` and dequantized [R, K]: GPTQ where it has a Hessian, else RTN."""
     out: dict[str, torch.Tensor] = {}
     batches: dict[tuple, list[Unit]] = defaultdict(list)
+    symmetric, scale_dtype = quant.symmetric, quant.scale_dtype
     for u in units:
-        W, g = weights[u.name], group_sizes[u.name]
+        W, g = weights[u.name], quant.group_sizes[u.name]
         if u.name in hessians:
             batches[(u.shape, g)].append(u)
         else:
@@ -215,6 +227,29 @@ def _swapped(layer: nn.Module, u: Unit, prefix: str, W: torch.Tensor) -> Iterato
             view.copy_(saved)
 
 
+def _layer_kls(work: Sequence[nn.Module], i: int, lp: str, units: list[Unit], layer_units: list[Unit],
+               inputs: LayerInputs, hess_inputs: LayerInputs | None, ref: _Reference, quant: _Quantize,
+               table: dict[str, dict[int, float]], bar: tqdm) -> dict[str, str]:
+    """Fills ``table`` with the KL of each of layer i's ``units`` quantized alone at each width
+    (GPTQ from the Hessians of ``hess_inputs``, or RTN without them), the layer's other
+    weights and all other layers left float. Returns the units whose GPTQ fell back."""
+    layer = work[i]
+    weights = {u.name: unit_weight(layer, _local(u, lp)).detach().clone() for u in units}
+    for u in units:
+        check_finite(weights[u.name], u.name)
+    hessians: dict[str, torch.Tensor] = {}
+    fallbacks: dict[str, str] = {}
+    if hess_inputs is not None:
+        hessians, fallbacks = _hessians(layer, lp, units, layer_units, hess_inputs)
+    for b in quant.bits:
+        cands = _candidates(weights, units, hessians, b, quant)
+        for u in units:
+            with _swapped(layer, u, lp, cands[u.name]):
+                table.setdefault(u.name, {})[b] = ref.kl(_tail(work, i, inputs))
+            bar.update()
+    return fallbacks
+
+
 def _check_args(calibration: torch.Tensor, units: Sequence[Unit], group_sizes: dict[str, int], quantizer: str,
                 kl_windows: int) -> None:
     if quantizer not in QUANTIZERS:
@@ -227,7 +262,8 @@ def _check_args(calibration: torch.Tensor, units: Sequence[Unit], group_sizes: d
         raise ValueError(f"kl_windows={kl_windows!r}; allowed: a positive int")
     bad = [u.name for u in units if u.layer is None or u.kind == "router"]
     if bad:
-        raise ValueError(f"KL sensitivities are measured for decoder-layer linears, not routers or {bad[:3]}")
+        raise ValueError(f"KL sensitivities are measured for decoder-layer linears only; got routers or units "
+                         f"outside the layers: {bad[:3]}")
     missing = [u.name for u in units if u.name not in group_sizes]
     if missing:
         raise ValueError(f"group_sizes lacks {len(missing)} units, e.g. {missing[:3]}")
@@ -269,7 +305,7 @@ def kl_sensitivities(
 
     Returns:
         ({unit name: {bits: KL}} with every KL >= 0, meta: quantizer, measured tokens,
-        dtype, and the units whose GPTQ fell back).
+        dtype, and the number of units whose GPTQ fell back to RTN).
 
     Raises:
         ValueError: an unknown quantizer, bad calibration or kl_windows, a router or a
@@ -299,22 +335,11 @@ def kl_sensitivities(
     table: dict[str, dict[int, float]] = {}
     fallbacks: dict[str, str] = {}
     bar = tqdm(total=len(units) * len(bits), desc="KL sensitivities", disable=not progress)
+    quant = _Quantize(tuple(bits), group_sizes, symmetric, scale_dtype)
     for i, layer in enumerate(work):
-        lp = f"{prefix}.{i}"
         if todo.get(i):
-            weights = {u.name: unit_weight(layer, _local(u, lp)).detach().clone() for u in todo[i]}
-            for u in todo[i]:
-                check_finite(weights[u.name], u.name)
-            hessians: dict[str, torch.Tensor] = {}
-            if hess_inputs is not None:
-                hessians, fb = _hessians(layer, lp, todo[i], layer_units[i], hess_inputs)
-                fallbacks |= fb
-            for b in bits:
-                cands = _candidates(weights, todo[i], hessians, b, group_sizes, symmetric, scale_dtype)
-                for u in todo[i]:
-                    with _swapped(layer, u, lp, cands[u.name]):
-                        table.setdefault(u.name, {})[b] = ref.kl(_tail(work, i, inputs))
-                    bar.update()
+            fallbacks |= _layer_kls(work, i, f"{prefix}.{i}", todo[i], layer_units[i], inputs, hess_inputs, ref,
+                                    quant, table, bar)
         inputs = run_layer(layer, inputs)
         if hess_inputs is not None:
             hess_inputs = run_layer(layer, hess_inputs)

@@ -117,7 +117,7 @@ def test_model_is_unchanged_and_results_are_deterministic():
         ({"quantizer": "awq"}, "quantizer='awq'"),
         ({"kl_windows": 0}, "kl_windows=0"),
         ({"calibration": torch.zeros(2, 4)}, "int64"),
-        ({"router": True}, "not routers"),
+        ({"router": True}, "decoder-layer linears only"),
         ({"group_sizes": {}}, "group_sizes lacks 1 units"),
     ],
 )

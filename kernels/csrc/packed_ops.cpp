@@ -2,9 +2,10 @@
 // (schemas and fake implementations: kernels/_registry.py), registered with the dispatcher.
 //
 // They check the buffers (the kernel trusts them) and call the plain C kernel in
-// packed_gemv.cpp, which takes x and writes y in x's dtype. Registered from C++, a call costs ~5 us of dispatch; the same
-// work behind a Python implementation cost ~60 us (argument boxing, ctypes, Python-side
-// checks), more than a small expert's GEMV takes.
+// packed_gemv.cpp, which takes x and writes y in x's dtype. Registered from C++, a call on
+// a 192-wide linear takes ~20 us in all, ~5 us of it dispatch; behind a Python
+// implementation it took ~76 us (argument boxing, ctypes, Python-side checks, dtype
+// conversions), more than a small expert's GEMV.
 //
 // Only the light headers: torch/extension.h would triple the first build's time.
 

@@ -195,11 +195,8 @@ def block_scores(
                 f" {sorted(stats.block_inputs)} and cosines for {sorted(stats.block_cos)}"
             )
         key = ("block_score", layer, config, seed)  # a pure function of these and the layer's data
-        if key not in stats._memo:
-            _, stats._memo[key] = train_block_predictor(
-                stats.block_inputs[layer], stats.block_cos[layer], config, seed=seed * 100_003 + layer, layer=layer
-            )
-        out[layer] = stats._memo[key]
+        out[layer] = stats.memo(key, lambda layer=layer: train_block_predictor(
+            stats.block_inputs[layer], stats.block_cos[layer], config, seed=seed * 100_003 + layer, layer=layer)[1])
     return out
 
 

@@ -28,6 +28,6 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path, monkeypatch):
     assert torch.is_grad_enabled()  # the script leaves the process as it found it
     text = out.read_text()
     assert text == "\n".join(lines) + "\n"
-    for row in ("| moe_ao 3-bit (g128) |", "| moe_ao mixed 2.5-bit compiled |", "| bf16 compiled (grouped_mm) |"):
+    for row in ("| moe_ao 3-bit (g32) |", "| moe_ao mixed 2.5-bit compiled |", "| bf16 compiled (grouped_mm) |"):
         assert row in text
     sys.modules.pop("bench_gpu_decode", None)
