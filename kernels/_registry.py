@@ -32,7 +32,14 @@ _ARGS = "Tensor slot, int out_features, int n_seg, int group_size, Tensor?[] buf
 
 
 def buffers_of(w: PackedWeight) -> list[Tensor | None]:
-    """w's inner buffers in BUFFER_NAMES order (None where w has no slice of that width)."""
+    """w's inner buffers, as the kernel ops take them.
+
+    Args:
+        w: a packed weight.
+
+    Returns:
+        Its buffers in BUFFER_NAMES order, None where w has no slice of that width.
+    """
     return [getattr(w, name) for name in BUFFER_NAMES]
 
 

@@ -128,7 +128,18 @@ def int16_path(bits: int, group_size: int) -> bool:
     ``group_size``: x is then rounded to 16-bit fixed point per group (at most 2^-16 of the
     group's max |x|, below a 16-bit x's own precision; see ``csrc/packed_gemv_int16.h``).
     True on AVX2 CPUs without AVX-512 for 2, 4 and 8 bits at groups of 64 and 128; fp32 x
-    always gets exact fp32 arithmetic."""
+    always gets exact fp32 arithmetic.
+
+    Args:
+        bits: code width of a slice (16: a float slice).
+        group_size: its quantization group size.
+
+    Returns:
+        True where the integer path serves such slices.
+
+    Raises:
+        RuntimeError: the kernel failed to compile.
+    """
     return bits != 16 and bool(_load().moe_ao_int16_path(bits, group_size))
 
 

@@ -118,6 +118,14 @@ def triton_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
 
     Static properties only (device, shapes, grad mode), so compiled models specialise on
     them without graph breaks.
+
+    Args:
+        x: the activations [..., K].
+        w: the packed weight.
+        rows: rows of x per weight (per expert, on average, for an experts bank).
+
+    Returns:
+        True to call the Triton op, False for another path.
     """
     return (
         x.device.type == "cuda"
