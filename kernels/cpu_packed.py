@@ -10,7 +10,7 @@ bf16. The C++ kernel in ``csrc/packed_gemv.cpp`` instead streams the packed code
 
     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j),
 
-in fp32 (on AVX2 CPUs, for 16-bit x at 2/4/8 bits, in int16 x int16 -> int32 per group:
+in fp32 (on AVX2 CPUs, for 16-bit x at 2/3/4/8 bits, in int16 x int16 -> int32 per group:
 see ``int16_path``), parallel over output rows. Two ops expose it (schemas and fakes from
 ``moe_ao.kernels._registry``, CPU implementations in ``csrc/packed_ops.cpp``), each with
 a plain-PyTorch reference beside it (dequantize + matmul):
@@ -127,7 +127,7 @@ def int16_path(bits: int, group_size: int) -> bool:
     """Whether the built kernel takes its integer path for bf16/fp16 x at ``bits`` and
     ``group_size``: x is then rounded to 16-bit fixed point per group (at most 2^-16 of the
     group's max |x|, below a 16-bit x's own precision; see ``csrc/packed_gemv_int16.h``).
-    True on AVX2 CPUs without AVX-512 for 2, 4 and 8 bits at groups of 64 and 128; fp32 x
+    True on AVX2 CPUs without AVX-512 for 2, 3, 4 and 8 bits at groups of 64 and 128; fp32 x
     always gets exact fp32 arithmetic.
 
     Args:

@@ -370,9 +370,7 @@ template <int BITS>
 void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
                 std::vector<vf>& zterm) {
 #ifdef MOE_AO_INT16
-  if constexpr (BITS != 3) {
-    if (P.int16[width_index(BITS)]) return int16_rows<BITS>(P, t, r0, r1, sbuf);
-  }
+  if (P.int16[width_index(BITS)]) return int16_rows<BITS>(P, t, r0, r1, sbuf);
 #endif
   const Buffers& B = P.buf[width_index(BITS)];
   const ScaleMap sm(BITS, P.gs, n_blocks(P.K, BITS));

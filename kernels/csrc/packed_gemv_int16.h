@@ -13,9 +13,9 @@
 // lane, as the fp32 path rounds Σ q x - z Σ x. The rounding of x, at most 2^-16 of the
 // group's largest |x|, is 2^7 times finer than the bf16 activations of a bf16 model.
 //
-// Used for bf16/fp16 x at 2, 4 and 8 bits with group sizes 64 and 128 (multiples of a
-// 64-code chunk, so chunks never straddle groups; see Q_MAX_GROUP); fp32 x, 3 bits and
-// other group sizes take the exact fp32 path.
+// Used for bf16/fp16 x at 2, 3, 4 and 8 bits with group sizes 64 and 128 (multiples of a
+// 64-code chunk, so chunks never straddle groups; see Q_MAX_GROUP); fp32 x and other group
+// sizes take the exact fp32 path.
 
 #include <immintrin.h>
 
@@ -24,11 +24,12 @@ constexpr int Q_CHUNK = 64;
 // and lane 0 also takes -z Σ xi (|.| <= 255 * 128 * 32767 = 1.07e9): both stay below 2^31.
 constexpr int64_t Q_MAX_GROUP = 128;
 
-bool int16_path(int bits, int64_t gs) { return bits != 3 && gs % Q_CHUNK == 0 && gs <= Q_MAX_GROUP; }
+bool int16_path(int bits, int64_t gs) { return bits != 16 && gs % Q_CHUNK == 0 && gs <= Q_MAX_GROUP; }
 
 // The code (0..63 within its chunk) that word b of vector e holds after extract<bits>.
 int code_of(int bits, int e, int b) {
   if (bits == 2) return 4 * b + e;                      // byte b of 16, bit pair e
+  if (bits == 3) return 8 * (b / 2) + 2 * e + b % 2;   // run b/2 of 8 codes, its code 2e + b%2
   if (bits == 4) return 32 * (e / 2) + 2 * b + e % 2;  // bytes 16(e/2) + b, nibble e % 2
   return 16 * e + b;                                    // 8 bits: bytes 16e + b
 }
@@ -69,6 +70,24 @@ template <int BITS> inline void extract(const uint8_t* p, __m256i (&c)[4]) {
     c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m);
     c[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
     c[3] = _mm256_srli_epi16(v, 6);  // a zero-extended byte: nothing above the top pair
+  } else if constexpr (BITS == 3) {
+    // 8 runs of 3 bytes (run r: codes 8r..8r+7 at bits 3j of its 24-bit word). Two 16-byte
+    // loads inside the chunk (bytes 0-15 and 8-23, never past it) and one in-lane shuffle
+    // put run r in 32-bit lane r; vector e then takes codes 2e and 2e+1 of every run into
+    // the lane's low and high int16.
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));       // runs 0-3: bytes 0-11
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));   // runs 4-7: bytes 4-15
+    const __m256i ctrl = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                          4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+    const __m256i w = _mm256_shuffle_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1), ctrl);
+    const __m256i m = _mm256_set1_epi32(0x00070007);
+    auto pair = [&](__m256i u) {  // u = w >> 6e: low int16 from u, high from u << 13 (bit 3 -> 16)
+      return _mm256_and_si256(_mm256_blend_epi16(u, _mm256_slli_epi32(u, 13), 0xAA), m);
+    };
+    c[0] = pair(w);
+    c[1] = pair(_mm256_srli_epi32(w, 6));
+    c[2] = pair(_mm256_srli_epi32(w, 12));
+    c[3] = pair(_mm256_srli_epi32(w, 18));
   } else if constexpr (BITS == 4) {
     const __m256i lo = words(p), hi = words(p + 16), m = _mm256_set1_epi16(15);
     c[0] = _mm256_and_si256(lo, m);

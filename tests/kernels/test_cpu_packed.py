@@ -77,14 +77,14 @@ def test_packed_experts_linear_vs_float64(n_seg, symmetric, dtype):
 
 
 def test_integer_path_where_the_cpu_has_avx2_only():
-    """The integer path (x rounded to int16 per group) serves 2/4/8 bits at groups of 64 and
+    """The integer path (x rounded to int16 per group) serves 2/3/4/8 bits at groups of 64 and
     128 on AVX2 machines without AVX-512, such as the CI machine; elsewhere the fp32 path."""
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     avx2_only = "avx2" in flags and "avx512f" not in flags
-    for bits, gs in [(2, 64), (4, 128), (8, 64)]:
+    for bits, gs in [(2, 64), (3, 64), (3, 128), (4, 128), (8, 64)]:
         assert cpu_packed.int16_path(bits, gs) == avx2_only
-    assert not any(cpu_packed.int16_path(b, gs) for b, gs in [(3, 64), (4, 32), (4, 256), (16, 64)])
+    assert not any(cpu_packed.int16_path(b, gs) for b, gs in [(3, 32), (4, 32), (4, 256), (16, 64)])
 
 
 def test_threads_and_many_tiles():
@@ -150,7 +150,7 @@ def test_reference_for_prefill_and_autograd():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_output_is_the_fp32_result_rounded_as_torch_rounds(dtype):
-    """The kernel takes x and writes y in x's dtype. Where it computes in fp32 (3-bit and
+    """The kernel takes x and writes y in x's dtype. Where it computes in fp32 (group 32 and
     16-bit slices: no integer path), a 16-bit x gives exactly its fp32 result rounded to
     nearest even, the way ``Tensor.to`` rounds."""
     g = torch.Generator().manual_seed(3)
