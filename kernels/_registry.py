@@ -55,8 +55,10 @@ def device_and_dtype(w: PackedWeight) -> tuple[str, torch.dtype]:
     Returns:
         (device type, e.g. ``"cpu"``; dtype of its scales and float slices).
     """
-    ref = next(t for t in (w.s2, w.s3, w.s4, w.s8, w.d16) if t is not None)
-    return w.slot.device.type, ref.dtype
+    for t in (w.s4, w.s2, w.s3, w.s8, w.d16):  # every packed weight has one of them
+        if t is not None:
+            return w.slot.device.type, t.dtype
+    raise AssertionError("a PackedWeight without scales or float slices")
 
 
 def _linear_fake(x, slot, out_features, n_seg, group_size, buffers):

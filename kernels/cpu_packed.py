@@ -174,17 +174,16 @@ def kernel_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
     specialises on them without graph breaks. The kernel is inference only: with autograd
     recording a grad of x, the differentiable reference runs instead.
     """
-    quant_bits = [b for b in set(w.slice_bits) if b != 16]
+    # Cheapest checks first: this runs on every decode call of every packed linear.
+    if not (x.device.type == "cpu" and 1 <= rows <= MAX_KERNEL_ROWS and x.dtype in _DTYPES
+            and x.shape[-1] == w.logical_shape[-1] and not (x.requires_grad and torch.is_grad_enabled())):
+        return False
     w_device, w_dtype = device_and_dtype(w)
     return (
-        x.device.type == "cpu"
-        and w_device == "cpu"
-        and x.dtype in _DTYPES
+        w_device == "cpu"
         and w_dtype in _DTYPES
-        and x.shape[-1] == w.logical_shape[-1]
-        and 1 <= rows <= MAX_KERNEL_ROWS
-        and all(w.group_size % _CODES_PER_WORD[b] == 0 for b in quant_bits)
-        and not (x.requires_grad and torch.is_grad_enabled())
+        and (w.group_size % 16 == 0  # a multiple of every width's codes per word
+             or all(w.group_size % _CODES_PER_WORD[b] == 0 for b in set(w.slice_bits) if b != 16))
         and not _disabled()
     )
 
@@ -204,7 +203,7 @@ def packed_linear(x: Tensor, w: PackedWeight) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     if not kernel_ok(x2, w, x2.shape[0]):
         return packed_linear_reference(x, w)
-    out = torch.ops.moe_ao.packed_linear(x2, w.slot, N, w.n_seg, w.group_size, buffers_of(w))
+    out = torch.ops.moe_ao.packed_linear.default(x2, w.slot, N, w.n_seg, w.group_size, buffers_of(w))
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -225,4 +224,4 @@ def packed_experts_linear(x: Tensor, w: PackedWeight, ids: Tensor) -> Tensor:
     E, N, K = w.logical_shape
     if not kernel_ok(x, w, -(-x.shape[0] // E)):
         return packed_experts_linear_reference(x, w, ids)
-    return torch.ops.moe_ao.packed_experts_linear(x, ids, w.slot, N, w.n_seg, w.group_size, buffers_of(w))
+    return torch.ops.moe_ao.packed_experts_linear.default(x, ids, w.slot, N, w.n_seg, w.group_size, buffers_of(w))
