@@ -65,15 +65,24 @@ def load() -> str:
     return "/".join(f"{a:.1f}" for a in os.getloadavg())
 
 
-def time_round_robin(variants: dict[str, Variant], reps: int, warmup: int, clock: Callable[[], float]
-                     ) -> dict[str, float]:
-    """Median seconds per call; every rep calls each variant once, in turn."""
+Timer = Callable[[Callable[[], object]], float]  # seconds one call of a function takes
+
+
+def clock_timer(clock: Callable[[], float]) -> Timer:
+    """A Timer reading ``clock`` before and after the call (wall or thread CPU time)."""
+    def time_one(fn: Callable[[], object]) -> float:
+        t = clock()
+        fn()
+        return clock() - t
+    return time_one
+
+
+def time_round_robin(variants: dict[str, Variant], reps: int, warmup: int, time_one: Timer) -> dict[str, float]:
+    """Median seconds per call (the upper median for even reps); every rep calls each variant once, in turn."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup + reps):
         for name, (fn, _) in variants.items():
-            t = clock()
-            fn(i)
-            dt = clock() - t
+            dt = time_one(lambda: fn(i))
             if i >= warmup:
                 times[name].append(dt)
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
@@ -105,27 +114,38 @@ def slice_bytes(R: int, K: int, bits: int, group_size: int) -> int:
 
 
 # -------------------------------------------------------------------------- (a) GEMV
-def gemv_variants(N: int, K: int, group_size: int) -> dict[str, Variant]:
-    x = torch.randn(1, K, dtype=BF16)
+def gemv_variants(N: int, K: int, group_size: int, linear: Callable[[torch.Tensor, PackedWeight], torch.Tensor],
+                  rotate_bytes: int = ROTATE_BYTES, device: torch.device = torch.device("cpu")) -> dict[str, Variant]:
+    """bf16 F.linear, ``linear`` over packed 2/3/4/8-bit weights and, on CPU, aten int4/int8;
+    each rotates over copies of its weight filling ``rotate_bytes``, so none is read from cache."""
+    x = torch.randn(1, K, dtype=BF16, device=device)
     out: dict[str, Variant] = {}
 
     def rotating(make: Callable[[], object], nbytes: float, call: Callable[[object], object], name: str) -> None:
-        copies = [make() for _ in range(max(1, min(64, -(-ROTATE_BYTES // int(nbytes)))))]
+        copies = [make() for _ in range(max(1, min(64, -(-rotate_bytes // int(nbytes)))))]
         out[name] = (lambda i: call(copies[i % len(copies)])), nbytes
 
+    rotating(lambda: torch.randn(N, K, dtype=BF16, device=device), N * K * 2, lambda w: F.linear(x, w),
+             "bf16 F.linear")
+    if device.type == "cpu":
+        _aten_variants(rotating, x, N, K, group_size)
+    for bits in (2, 3, 4, 8):
+        rotating(lambda b=bits: random_packed((N, K), 1, [b], group_size).to(device),
+                 slice_bytes(N, K, bits, group_size), lambda w: linear(x, w), f"moe_ao {bits}-bit (g{group_size})")
+    return out
+
+
+def _aten_variants(rotating: Callable[..., None], x: torch.Tensor, N: int, K: int, group_size: int) -> None:
+    """aten's CPU int4 (group ``group_size``) and int8 (per channel) weight-only GEMVs."""
     G = K // group_size
-    rotating(lambda: torch.randn(N, K, dtype=BF16), N * K * 2, lambda w: F.linear(x, w), "bf16 F.linear")
     int4_codes = lambda: torch.randint(0, 16, (N, K), dtype=torch.int32)  # noqa: E731
     rotating(lambda: (torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_codes(), 1),
                       (torch.rand(G, N, 2) * 1e-3).to(BF16)),
              N * K / 2 + G * N * 4,
-             lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], group_size, w[1]), "aten int4 (g128)")
+             lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], group_size, w[1]),
+             f"aten int4 (g{group_size})")
     rotating(lambda: (torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, dtype=BF16)),
              N * K + N * 2, lambda w: torch.ops.aten._weight_int8pack_mm(x, w[0], w[1]), "aten int8 (per channel)")
-    for bits in (2, 3, 4, 8):
-        rotating(lambda b=bits: random_packed((N, K), 1, [b], group_size), slice_bytes(N, K, bits, group_size),
-                 lambda w: packed_linear(x, w), f"moe_ao {bits}-bit (g128)")
-    return out
 
 
 # -------------------------------------------------------------------- (b) MoE layer
@@ -141,21 +161,23 @@ def mixtral_experts(config, gate_up: torch.Tensor, down: torch.Tensor, implement
     return module.eval()
 
 
-def moe_variants(hidden: int, inter: int, E: int, group_size: int, pairs: list[tuple[int, int]]
+def moe_variants(hidden: int, inter: int, E: int, group_size: int, pairs: list[tuple[int, int]],
+                 device: torch.device = torch.device("cpu"), compiled_loop: bool = True
                  ) -> tuple[dict[str, Variant], dict[str, float]]:
-    """Variants of one experts layer; also the average bits per weight of each plan."""
+    """Variants of one experts layer (``compiled_loop``: also the compiled bf16 eager loop);
+    also the average bits per weight of each plan."""
     from transformers import MixtralConfig
 
     config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=E, num_experts_per_tok=2)
     experts_impl.register()
-    gate_up = torch.empty(E, 2 * inter, hidden, dtype=BF16)
-    down = torch.empty(E, hidden, inter, dtype=BF16)
+    gate_up = torch.empty(E, 2 * inter, hidden, dtype=BF16, device=device)
+    down = torch.empty(E, hidden, inter, dtype=BF16, device=device)
     for e in range(E):  # expert by expert: no fp32 temporaries of the whole bank
-        gate_up[e].copy_(torch.randn(2 * inter, hidden) * 0.02)
-        down[e].copy_(torch.randn(hidden, inter) * 0.02)
-    x = torch.randn(1, hidden, dtype=BF16)
-    weights = torch.tensor([[0.6, 0.4]], dtype=BF16)
-    routes = [torch.tensor([p]) for p in pairs]
+        gate_up[e].copy_(torch.randn(2 * inter, hidden, device=device) * 0.02)
+        down[e].copy_(torch.randn(hidden, inter, device=device) * 0.02)
+    x = torch.randn(1, hidden, dtype=BF16, device=device)
+    weights = torch.tensor([[0.6, 0.4]], dtype=BF16, device=device)
+    routes = [torch.tensor([p], device=device) for p in pairs]
 
     def layer(module: nn.Module, bytes_of: Callable[[int], float]) -> Variant:
         mean_bytes = sum(bytes_of(e) for p in pairs for e in p) / len(pairs)
@@ -165,7 +187,8 @@ def moe_variants(hidden: int, inter: int, E: int, group_size: int, pairs: list[t
     variants: dict[str, Variant] = {}
     eager = mixtral_experts(config, gate_up, down, "eager")
     variants["bf16 eager (transformers loop)"] = layer(eager, bf16_bytes)
-    variants["bf16 compiled (loop)"] = layer(torch.compile(eager), bf16_bytes)
+    if compiled_loop:
+        variants["bf16 compiled (loop)"] = layer(torch.compile(eager), bf16_bytes)
     grouped = mixtral_experts(config, gate_up, down, "grouped_mm")
     variants["bf16 compiled (grouped_mm)"] = layer(torch.compile(grouped), bf16_bytes)
 
@@ -174,8 +197,8 @@ def moe_variants(hidden: int, inter: int, E: int, group_size: int, pairs: list[t
     for plan_name, bits_of in plans.items():
         up_bits = [bits_of(i) for i in range(2 * E)]  # slice e*2 + seg: gate, up of expert e
         down_bits = [bits_of(i) for i in range(E)]
-        packed = mixtral_experts(config, random_packed((E, 2 * inter, hidden), 2, up_bits, group_size),
-                                 random_packed((E, hidden, inter), 1, down_bits, group_size), "moe_ao")
+        packed = mixtral_experts(config, random_packed((E, 2 * inter, hidden), 2, up_bits, group_size).to(device),
+                                 random_packed((E, hidden, inter), 1, down_bits, group_size).to(device), "moe_ao")
 
         def nbytes(e: int, up_bits=up_bits, down_bits=down_bits) -> float:
             return (slice_bytes(inter, hidden, up_bits[2 * e], group_size)
@@ -190,8 +213,9 @@ def moe_variants(hidden: int, inter: int, E: int, group_size: int, pairs: list[t
 
 # ------------------------------------------------------------------------ reporting
 def table(times: dict[str, float], variants: dict[str, Variant], memcpy_gbs: float, unit: str,
-          baselines: list[str]) -> list[str]:
-    head = f"| variant | median {unit} | MB read / token | GB/s | % memcpy | " + " | ".join(
+          baselines: list[str], yardstick: str = "memcpy") -> list[str]:
+    """Markdown rows: median time, bytes read, GB/s, % of the ``yardstick`` bandwidth, speed-ups."""
+    head = f"| variant | median {unit} | MB read / token | GB/s | % {yardstick} | " + " | ".join(
         f"speedup vs {b}" for b in baselines) + " |"
     lines = [head, "|" + "---|" * (5 + len(baselines))]
     scale = 1e3 if unit == "ms" else 1e6
@@ -207,7 +231,7 @@ def table(times: dict[str, float], variants: dict[str, Variant], memcpy_gbs: flo
 def run_section(variants: dict[str, Variant], reps: int, warmup: int, clock: Callable[[], float]
                 ) -> tuple[dict[str, float], float]:
     variants = {"memcpy 512 MB": memcpy_variant(), **variants}
-    times = time_round_robin(variants, reps, warmup, clock)
+    times = time_round_robin(variants, reps, warmup, clock_timer(clock))
     memcpy_gbs = MEMCPY_BYTES / times.pop("memcpy 512 MB") / 1e9
     return times, memcpy_gbs
 
@@ -236,7 +260,7 @@ def main() -> None:
     if args.note:
         lines += [args.note, ""]
 
-    variants = gemv_variants(4096, 4096, 128)
+    variants = gemv_variants(4096, 4096, 128, packed_linear)
     times, memcpy_gbs = run_section(variants, args.reps, args.warmup, clock)
     lines += [f"## (a) 4096x4096 linear, 1 token (bf16 activations), memcpy {memcpy_gbs:.1f} GB/s", "",
               *table(times, variants, memcpy_gbs, "us", ["bf16 F.linear", "aten int4 (g128)"]), ""]

@@ -29,18 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_cpu_decode import mixtral_experts, random_packed, slice_bytes  # noqa: E402
+from bench_cpu_decode import Timer, clock_timer, gemv_variants, moe_variants, table, time_round_robin  # noqa: E402
 
 import moe_ao  # noqa: E402
-from moe_ao import experts as experts_impl  # noqa: E402
 from moe_ao.kernels.triton_packed import packed_linear  # noqa: E402
-
-BF16 = torch.bfloat16
-Variant = tuple[Callable[[int], object], float]  # (call for rep i, bytes read per call)
 
 
 def machine(device: torch.device) -> str:
@@ -52,14 +47,10 @@ def machine(device: torch.device) -> str:
             f" moe_ao {moe_ao.__version__}")
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+def timer(device: torch.device) -> Timer:
     """Seconds one call takes: CUDA events on a GPU, the wall clock elsewhere."""
     if device.type != "cuda":
-        def wall(fn: Callable[[], object]) -> float:
-            t = time.perf_counter()
-            fn()
-            return time.perf_counter() - t
-        return wall
+        return clock_timer(time.perf_counter)
 
     def events(fn: Callable[[], object]) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -71,84 +62,11 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return events
 
 
-def median_times(variants: dict[str, Variant], reps: int, warmup: int, time_one) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for i in range(warmup + reps):
-        for name, (fn, _) in variants.items():
-            dt = time_one(lambda: fn(i))
-            if i >= warmup:
-                times[name].append(dt)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def copy_gbs(device: torch.device, nbytes: int, reps: int, time_one) -> float:
+def copy_gbs(device: torch.device, nbytes: int, reps: int, time_one: Timer) -> float:
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     return 2 * nbytes / statistics.median(time_one(lambda: dst.copy_(src)) for _ in range(reps)) / 1e9
-
-
-def gemv_variants(N: int, K: int, group_size: int, device: torch.device, rotate_bytes: int) -> dict[str, Variant]:
-    x = torch.randn(1, K, dtype=BF16, device=device)
-    out: dict[str, Variant] = {}
-
-    def rotating(make, nbytes: float, call, name: str) -> None:
-        copies = [make() for _ in range(max(1, min(64, -(-rotate_bytes // int(nbytes)))))]
-        out[name] = (lambda i: call(copies[i % len(copies)])), nbytes
-
-    rotating(lambda: torch.randn(N, K, dtype=BF16, device=device), N * K * 2, lambda w: F.linear(x, w),
-             "bf16 F.linear")
-    for bits in (2, 3, 4, 8):
-        rotating(lambda b=bits: random_packed((N, K), 1, [b], group_size).to(device),
-                 slice_bytes(N, K, bits, group_size), lambda w: packed_linear(x, w), f"moe_ao {bits}-bit (g{group_size})")
-    return out
-
-
-def moe_variants(hidden: int, inter: int, E: int, group_size: int, device: torch.device) -> dict[str, Variant]:
-    from transformers import MixtralConfig
-
-    config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=E, num_experts_per_tok=2)
-    experts_impl.register()
-    gate_up = (torch.randn(E, 2 * inter, hidden, device=device) * 0.02).to(BF16)
-    down = (torch.randn(E, hidden, inter, device=device) * 0.02).to(BF16)
-    x = torch.randn(1, hidden, dtype=BF16, device=device)
-    weights = torch.tensor([[0.6, 0.4]], dtype=BF16, device=device)
-    pairs = list(itertools.combinations(range(E), 2))
-    routes = [torch.tensor([p], device=device) for p in pairs]
-
-    def layer(module, bytes_of) -> Variant:
-        mean_bytes = sum(bytes_of(e) for p in pairs for e in p) / len(pairs)
-        return (lambda i: module(x, routes[i % len(routes)], weights)), mean_bytes
-
-    bf16_bytes = lambda e: 3 * inter * hidden * 2  # noqa: E731
-    variants = {"bf16 eager (transformers loop)": layer(mixtral_experts(config, gate_up, down, "eager"), bf16_bytes),
-                "bf16 compiled (grouped_mm)": layer(torch.compile(mixtral_experts(config, gate_up, down, "grouped_mm")),
-                                                    bf16_bytes)}
-    plans = {"mixed 2.5-bit": lambda i: 4 if i % 4 == 0 else 2, "uniform 4-bit": lambda i: 4}
-    for name, bits_of in plans.items():
-        up_bits, down_bits = [bits_of(i) for i in range(2 * E)], [bits_of(i) for i in range(E)]
-        module = mixtral_experts(config, random_packed((E, 2 * inter, hidden), 2, up_bits, group_size).to(device),
-                                 random_packed((E, hidden, inter), 1, down_bits, group_size).to(device), "moe_ao")
-
-        def nbytes(e: int, up_bits=up_bits, down_bits=down_bits) -> float:
-            return (slice_bytes(inter, hidden, up_bits[2 * e], group_size)
-                    + slice_bytes(inter, hidden, up_bits[2 * e + 1], group_size)
-                    + slice_bytes(hidden, inter, down_bits[e], group_size))
-
-        variants[f"moe_ao {name} eager"] = layer(module, nbytes)
-        variants[f"moe_ao {name} compiled"] = layer(torch.compile(module, fullgraph=True), nbytes)
-    return variants
-
-
-def table(times: dict[str, float], variants: dict[str, Variant], copy: float, baselines: list[str]) -> list[str]:
-    lines = ["| variant | median us | MB read | GB/s | % of copy bandwidth | "
-             + " | ".join(f"vs {b}" for b in baselines) + " |", "|---|" + "---:|" * (4 + len(baselines))]
-    for name, t in times.items():
-        nbytes = variants[name][1]
-        gbs = nbytes / t / 1e9
-        lines.append(f"| {name} | {t * 1e6:.1f} | {nbytes / 1e6:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | "
-                     + " | ".join(f"{times[b] / t:.2f}x" for b in baselines) + " |")
-    return lines
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -177,13 +95,16 @@ def run(args: argparse.Namespace, device: torch.device) -> list[str]:
     copy = copy_gbs(device, copy_bytes, 10, time_one)
     lines = ["# GPU decode: moe_ao's Triton kernels vs bf16", "", f"Device: {machine(device)}.", "",
              f"Copy bandwidth (read + write): {copy:.0f} GB/s. Medians of {args.reps} reps after {args.warmup}.", ""]
-    gemv = gemv_variants(d, d, gs, device, rotate)
-    times = median_times(gemv, args.reps, args.warmup, time_one)
-    lines += [f"## (a) {d}x{d} linear, 1 token", "", *table(times, gemv, copy, ["bf16 F.linear"]), ""]
-    moe = moe_variants(d, inter, 8, gs, device)
-    times = median_times(moe, args.reps, args.warmup, time_one)
+    gemv = gemv_variants(d, d, gs, packed_linear, rotate, device)
+    times = time_round_robin(gemv, args.reps, args.warmup, time_one)
+    lines += [f"## (a) {d}x{d} linear, 1 token", "",
+              *table(times, gemv, copy, "us", ["bf16 F.linear"], "copy bandwidth"), ""]
+    pairs = list(itertools.combinations(range(8), 2))
+    moe, _ = moe_variants(d, inter, 8, gs, pairs, device, compiled_loop=False)
+    times = time_round_robin(moe, args.reps, args.warmup, time_one)
     lines += [f"## (b) Mixtral-shaped experts layer (hidden {d}, intermediate {inter}, 8 experts, top-2), 1 token", "",
-              *table(times, moe, copy, ["bf16 eager (transformers loop)", "bf16 compiled (grouped_mm)"]), ""]
+              *table(times, moe, copy, "us", ["bf16 eager (transformers loop)", "bf16 compiled (grouped_mm)"],
+                     "copy bandwidth"), ""]
     lines.append(f"Command: `python benchmarks/bench_gpu_decode.py {' '.join(args.argv)}`")
     return lines
 
