@@ -33,6 +33,7 @@
 #include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -296,6 +297,26 @@ struct Problem {
   float* out;
 };
 
+// Calls pass(first, std::integral_constant<int, MT>{}) over the task's x rows: passes of
+// MAX_MT rows, then one of the 1-3 left, so that each pass's MT is a compile-time count.
+template <class Pass>
+inline void by_passes(int nrows, Pass&& pass) {
+  int first = 0;
+  for (; first + MAX_MT <= nrows; first += MAX_MT) pass(first, std::integral_constant<int, MAX_MT>{});
+  switch (nrows - first) {
+    case 3: pass(first, std::integral_constant<int, 3>{}); break;
+    case 2: pass(first, std::integral_constant<int, 2>{}); break;
+    case 1: pass(first, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+// Row ``row`` of buffer B's scales as fp32 in dst, zero-padded to G_pad + LANES.
+void load_scales(const Problem& P, const Buffers& B, int64_t row, float* dst) {
+  scales_to_f32(P.wdtype, static_cast<const char*>(B.s) + row * P.G * (P.wdtype == F32 ? 4 : 2), P.G, dst,
+                P.G_pad + LANES);
+}
+
 #ifdef MOE_AO_INT16
 template <int BITS, int MT>
 void int16_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const float* srow, const uint8_t* zrow,
@@ -321,18 +342,11 @@ void int16_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::ve
   const int64_t Kb = P.K / 8 * BITS;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = t.pos * P.R + r;
-    scales_to_f32(P.wdtype, static_cast<const char*>(B.s) + row * P.G * (P.wdtype == F32 ? 4 : 2), P.G,
-                  sbuf.data(), P.G_pad + LANES);
+    load_scales(P, B, row, sbuf.data());
     const uint8_t* zrow = B.z ? B.z + row * P.G : nullptr;
-    int first = 0;
-    for (; first + MAX_MT <= t.nrows; first += MAX_MT)
-      int16_rows_mt<BITS, MAX_MT>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first);
-    switch (t.nrows - first) {
-      case 3: int16_rows_mt<BITS, 3>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first); break;
-      case 2: int16_rows_mt<BITS, 2>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first); break;
-      case 1: int16_rows_mt<BITS, 1>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first); break;
-      default: break;
-    }
+    by_passes(t.nrows, [&](int first, auto mt) {
+      int16_rows_mt<BITS, decltype(mt)::value>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first);
+    });
   }
 }
 #endif
@@ -352,20 +366,6 @@ void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow
   for (int i = 0; i < MT; ++i) P.out[t.rows[first + i] * P.N + t.col0 + r] = dots[i];
 }
 
-// One packed row times all the task's x rows, MAX_MT x rows per pass over the row.
-template <int BITS>
-void quant_row_chunks(const Problem& P, const Task& t, int64_t r, const float* srow, const vf* zterm,
-                      const ScaleMap& sm) {
-  int first = 0;
-  for (; first + MAX_MT <= t.nrows; first += MAX_MT) quant_rows_mt<BITS, MAX_MT>(P, t, r, srow, zterm, sm, first);
-  switch (t.nrows - first) {
-    case 3: quant_rows_mt<BITS, 3>(P, t, r, srow, zterm, sm, first); break;
-    case 2: quant_rows_mt<BITS, 2>(P, t, r, srow, zterm, sm, first); break;
-    case 1: quant_rows_mt<BITS, 1>(P, t, r, srow, zterm, sm, first); break;
-    default: break;
-  }
-}
-
 template <int BITS>
 void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
                 std::vector<vf>& zterm) {
@@ -378,8 +378,7 @@ void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::ve
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = t.pos * P.R + r;
     float* srow = sbuf.data();
-    scales_to_f32(P.wdtype, static_cast<const char*>(B.s) + row * P.G * (P.wdtype == F32 ? 4 : 2), P.G, srow,
-                  P.G_pad + LANES);
+    load_scales(P, B, row, srow);
     // zero-point term per x row: sum_g s_g z_g xsum_g (symmetric: z is the constant zsym)
     const float* sz = srow;
     if (B.z) {
@@ -395,7 +394,10 @@ void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::ve
       for (int64_t g = 0; g < P.G_pad; g += LANES) a += load_f32(sz + g) * load_f32(xs + g);
       zterm[size_t(i)] = B.z ? a : a * zsym;  // reduced together with the row's dot product
     }
-    quant_row_chunks<BITS>(P, t, r, srow, zterm.data(), sm);
+    // One packed row times all the task's x rows, MAX_MT x rows per pass over the row.
+    by_passes(t.nrows, [&](int first, auto mt) {
+      quant_rows_mt<BITS, decltype(mt)::value>(P, t, r, srow, zterm.data(), sm, first);
+    });
   }
 }
 
@@ -412,16 +414,8 @@ void dense_rows_mt(const Problem& P, const Task& t, int64_t r, int first) {
 
 template <int DT>
 void dense_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    int first = 0;
-    for (; first + MAX_MT <= t.nrows; first += MAX_MT) dense_rows_mt<DT, MAX_MT>(P, t, r, first);
-    switch (t.nrows - first) {
-      case 3: dense_rows_mt<DT, 3>(P, t, r, first); break;
-      case 2: dense_rows_mt<DT, 2>(P, t, r, first); break;
-      case 1: dense_rows_mt<DT, 1>(P, t, r, first); break;
-      default: break;
-    }
-  }
+  for (int64_t r = r0; r < r1; ++r)
+    by_passes(t.nrows, [&](int first, auto mt) { dense_rows_mt<DT, decltype(mt)::value>(P, t, r, first); });
 }
 
 void run_tile(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
