@@ -110,7 +110,7 @@ def _launch(x: Tensor, ids: Tensor | None, slot: Tensor, out_features: int, n_se
 
 
 # CPU too: under TRITON_INTERPRET=1 the same kernel runs on CPU tensors (the tests).
-define_packed_ops("triton_", lambda *a: _launch(*a), ("CUDA", "CPU"))
+define_packed_ops("triton_", _launch, ("CUDA", "CPU"))
 
 
 def triton_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
