@@ -72,7 +72,7 @@ def _check_ties(model: nn.Module, plan: Plan, all_units: list[Unit]) -> None:
 
 def swap_in(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
     """Replaces parameters by FQN; all Parameters are made before the first swap."""
-    params = {fqn: nn.Parameter(t, requires_grad=False) for fqn, t in new.items()}
+    params = {fqn: t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False) for fqn, t in new.items()}
     for fqn, param in params.items():
         owner_name, _, attr = fqn.rpartition(".")
         setattr(model.get_submodule(owner_name), attr, param)
@@ -81,14 +81,38 @@ def swap_in(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
 def apply_packed(
     model: nn.Module, plan: Plan, new: Mapping[str, PackedWeight], report: QuantizationReport
 ) -> nn.Module:
-    """Swaps packed tensors in, selects the experts implementation, records plan + report."""
-    swap_in(model, new)
-    if any(p.ndim == 3 for p in new.values()):
-        experts_impl.select(model)
-    setattr(model, PLAN_ATTR, plan)
-    setattr(model, REPORT_ATTR, report)
+    """Swaps packed tensors in, selects the experts implementation, records plan + report.
+
+    All or nothing: if any step fails, the original parameters and experts
+    implementation are put back before the error propagates.
+    """
+    old_params = {fqn: model.get_parameter(fqn) for fqn in new}
+    old_impls = [(c, c._experts_implementation) for c in _configs(model) if hasattr(c, "_experts_implementation")]
+    try:
+        swap_in(model, new)
+        if any(p.ndim == 3 for p in new.values()):
+            experts_impl.select(model)
+        setattr(model, PLAN_ATTR, plan)
+        setattr(model, REPORT_ATTR, report)
+    except BaseException:
+        swap_in(model, old_params)
+        for config, impl in old_impls:
+            config._experts_implementation = impl
+        for attr in (PLAN_ATTR, REPORT_ATTR):
+            model.__dict__.pop(attr, None)
+        raise
     logger.info("quantized %d units into %d tensors", len(report.quantized), len(new))
     return model
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every distinct config object reachable from the model's modules."""
+    seen: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None:
+            seen.setdefault(id(config), config)
+    return list(seen.values())
 
 
 def _rtn_packed(
@@ -143,6 +167,9 @@ def quantize_(
     plan.validate(all_units)
     _check_ties(model, plan, all_units)
     planned = [u for u in all_units if u.name in plan and plan[u.name].quantized]
+    if not planned:
+        raise ValueError(f"the plan quantizes none of the model's {len(all_units)} units ({len(plan)} entries, none "
+                         f"below 16 bits): nothing to do; name units with bits in (2, 3, 4, 8)")
     report = QuantizationReport(method)
     for u in all_units:
         if u.name not in plan:

@@ -48,6 +48,28 @@ def resolve_text(source: str, allow_eval: bool = False) -> str:
     return text
 
 
+def check_token_ids(ids: Any, model_config: Any | None = None, what: str = "calibration") -> None:
+    """The one check of calibration token ids, shared by every data-driven step.
+
+    Args:
+        ids: int64 [n_samples, seq_len] token ids.
+        model_config: the model's config; when given, ids must lie in [0, vocab_size).
+        what: the name used in the error.
+
+    Raises:
+        ValueError: not a non-empty int64 2-D tensor, or an id out of the vocabulary's range.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.numel() == 0 or ids.dtype != torch.long:
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{what} must be non-empty int64 [n_samples, seq_len] token ids "
+                         f"(moe_ao.calibration.load_calibration); got {got}")
+    lo, hi = int(ids.min()), int(ids.max())
+    vocab = getattr(model_config, "vocab_size", None)
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what} holds token id {bad}; allowed: 0 <= id < vocab_size={vocab}")
+
+
 def _check_tokenizer(tokenizer: Any, model_config: Any | None) -> None:
     if model_config is None:
         return

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="process columns in natural order (the paper's Mixtral setting)")
-    p.add_argument("-o", "--output", required=True, help="output checkpoint dir")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint dir (new, empty, or see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing moe_ao checkpoint at --output (never a folder holding other files)")
     return parser
 
 
@@ -204,7 +206,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         kwargs = {"calibration": load_calibration(args.calibration, tok, args.n_samples, args.seq_len,
                                                   model_config=model.config), "act_order": args.act_order}
     quantize_(model, plan, method=args.method, **kwargs)
-    print(save_quantized(model, args.output, tokenizer=tok, overwrite=True))
+    print(save_quantized(model, args.output, tokenizer=tok, overwrite=args.overwrite))
 
 
 COMMANDS = {"demo": _cmd_demo, "units": _cmd_units, "profile": _cmd_profile, "plan": _cmd_plan,

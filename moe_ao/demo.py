@@ -86,8 +86,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t = time.perf_counter()
     quantize_(model, plan, method=cfg.method, calibration=calib if cfg.method == "gptq" else None)
     quant_s = time.perf_counter() - t
-    out_dir = save_quantized(model, cfg.out, tokenizer=tokenizer, overwrite=True)
-    reloaded = load_quantized(out_dir)
+    # The checkpoint gets its own folder: the report and heatmap beside it are not checkpoint files.
+    ckpt_dir = save_quantized(model, Path(cfg.out) / "checkpoint", tokenizer=tokenizer, overwrite=True)
+    reloaded = load_quantized(ckpt_dir)
     probe = windows[:2]
     same = torch.equal(model(probe).logits, reloaded(probe).logits)
     q = compare(ref_lp, reloaded, windows)
@@ -103,8 +104,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "sample_before": text_ref, "sample_after": text_q,
         "fallbacks": len(quantization_report(model).extra.get("fallbacks", {})),
     }
-    _write_report(Path(out_dir), result, before, after)
-    _write_heatmap(Path(out_dir), plan, reloaded)
+    _write_report(Path(cfg.out), result, before, after)
+    _write_heatmap(Path(cfg.out), plan, reloaded)
     return result
 
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import operator
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 PLAN_FORMAT = "moe_ao.plan"
@@ -37,6 +38,34 @@ FLOAT_BITS = 16  # "not quantized": the unit keeps its floating-point weight
 ROUTER_MIN_BITS = 8  # routers below 8 bits flip top-k choices; needs an explicit opt-in
 SCALE_BITS = 16  # scales are stored in the model's 16-bit dtype
 ZERO_BITS = 8  # asymmetric zero points are stored as uint8
+# The JSON form's keys; anything else is refused by name (a typo must not be ignored).
+TOP_KEYS = ("format", "version", "defaults", "allow_low_bit_router", "units", "meta")
+DEFAULT_KEYS = ("group_size", "symmetric")
+
+
+def _unknown_key_error(where: str, key: str, allowed: Iterable[str]) -> ValueError:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"{where}: unknown key {key!r}{hint} (allowed: {', '.join(allowed)})")
+
+
+def _as_int(value: Any, what: str) -> int:
+    """An integer from an int, a NumPy integer or an integer 0-d tensor; bools and floats are refused."""
+    boolean = str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    if isinstance(value, (bool, float)) or getattr(value, "ndim", 0) != 0 or boolean:
+        raise TypeError(f"{what}={value!r} must be an int")
+    try:
+        return operator.index(value)  # int, numpy.int64, torch.tensor(4)
+    except TypeError:
+        raise TypeError(f"{what}={value!r} must be an int, got {type(value).__name__}") from None
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_
+        return bool(value)
+    raise TypeError(f"{what}={value!r} must be true or false, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -54,12 +83,19 @@ class QuantSpec:
     symmetric: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
+        # Normalised here (numpy / torch integers become int) so that a plan always saves as JSON.
+        try:
+            bits = _as_int(self.bits, "bits")
+        except TypeError as e:
+            raise ValueError(f"{e}; allowed: {ALLOWED_BITS}") from None
+        if bits not in ALLOWED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; allowed: {ALLOWED_BITS}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+        group_size = _as_int(self.group_size, "group_size")
+        if group_size <= 0:
             raise ValueError(f"group_size={self.group_size!r} must be a positive int")
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric={self.symmetric!r} must be a bool")
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "group_size", group_size)
+        object.__setattr__(self, "symmetric", _as_bool(self.symmetric, "symmetric"))
 
     @property
     def quantized(self) -> bool:
@@ -97,11 +133,24 @@ class Plan(Mapping[str, QuantSpec]):
         allow_low_bit_router: bool = False,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        self.defaults = QuantSpec(bits=4, group_size=group_size, symmetric=symmetric)
-        self.allow_low_bit_router = allow_low_bit_router
+        try:
+            self.defaults = QuantSpec(bits=4, group_size=group_size, symmetric=symmetric)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"plan defaults: {e}") from None
+        self.allow_low_bit_router = _as_bool(allow_low_bit_router, "allow_low_bit_router")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise TypeError(f"plan meta must be a mapping (a JSON object), got {type(meta).__name__}")
         self.meta: dict[str, Any] = dict(meta or {})
+        try:
+            json.dumps(self.meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"plan meta must hold JSON values only (it is saved with the checkpoint): {e}") from None
+        if units is not None and not isinstance(units, Mapping):
+            raise TypeError(f"plan units must map unit names to specs (a JSON object), got {type(units).__name__}")
         self._specs: dict[str, QuantSpec] = {}
         for name, value in (units or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"plan unit names must be non-empty strings, got {name!r}")
             try:
                 self._specs[name] = self._as_spec(value)
             except (ValueError, TypeError) as e:
@@ -112,9 +161,12 @@ class Plan(Mapping[str, QuantSpec]):
             return value
         base = {"group_size": self.defaults.group_size, "symmetric": self.defaults.symmetric}
         if isinstance(value, Mapping):
-            unknown = set(value) - {"bits", "group_size", "symmetric"}
-            if unknown or "bits" not in value:
-                raise ValueError(f"expected keys bits, group_size, symmetric; got {sorted(value)}")
+            allowed = [f.name for f in fields(QuantSpec)]
+            for key in value:
+                if key not in allowed:
+                    raise _unknown_key_error("spec", key, allowed)
+            if "bits" not in value:
+                raise ValueError(f"spec {dict(value)!r} lacks 'bits'")
             return QuantSpec(**(base | dict(value)))
         return QuantSpec(bits=value, **base)
 
@@ -237,34 +289,65 @@ class Plan(Mapping[str, QuantSpec]):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
-        """Parses the dict form, checking format and version."""
+        """Parses the dict form, checking format, version and every field's type.
+
+        Raises:
+            ValueError: not a plan, an unknown key (named, with a "did you mean"), a
+                missing ``units``, or a field of the wrong type.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a plan is a JSON object, got {type(data).__name__}")
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a moe_ao plan: format={data.get('format')!r}, expected {PLAN_FORMAT!r}")
-        if data.get("version") != PLAN_VERSION:
+        if data.get("version") != PLAN_VERSION or isinstance(data.get("version"), bool):
             raise ValueError(f"plan version {data.get('version')!r} is not supported; allowed: ({PLAN_VERSION},)")
+        for key in data:
+            if key not in TOP_KEYS:
+                raise _unknown_key_error("plan", key, TOP_KEYS)
+        if "units" not in data:
+            raise ValueError("plan has no 'units' (unit name -> bits or spec); an empty plan would quantize nothing")
         defaults = data.get("defaults", {})
-        return cls(
-            data.get("units", {}),
-            group_size=defaults.get("group_size", 128),
-            symmetric=defaults.get("symmetric", True),
-            allow_low_bit_router=data.get("allow_low_bit_router", False),
-            meta=data.get("meta", {}),
-        )
+        if not isinstance(defaults, Mapping):
+            raise ValueError(f"plan 'defaults' must be an object, got {type(defaults).__name__}")
+        for key in defaults:
+            if key not in DEFAULT_KEYS:
+                raise _unknown_key_error("plan defaults", key, DEFAULT_KEYS)
+        for key in ("units", "meta"):
+            if key in data and not isinstance(data[key], Mapping):
+                raise ValueError(f"plan {key!r} must be an object, got {type(data[key]).__name__}")
+        try:
+            return cls(
+                data["units"],
+                group_size=defaults.get("group_size", 128),
+                symmetric=defaults.get("symmetric", True),
+                allow_low_bit_router=data.get("allow_low_bit_router", False),
+                meta=data.get("meta", {}),
+            )
+        except TypeError as e:
+            raise ValueError(str(e)) from None
 
     @classmethod
     def from_json(cls, text_or_path: str) -> Plan:
         """Loads a plan from a JSON string or a file path."""
         text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
+        if not text_or_path.lstrip().startswith(("{", "[")):
             try:
                 with open(text_or_path) as f:
                     text = f.read()
             except OSError as e:
                 raise ValueError(f"cannot read plan file {text_or_path!r}: {e}") from None
+        where = "plan" if text is text_or_path else f"plan file {text_or_path}"
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"plan is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except (json.JSONDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{where} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
 
 

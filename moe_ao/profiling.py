@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from moe_ao.calibration import check_token_ids
 from moe_ao.profile_stats import Profile
 from moe_ao.quant.layerwise import capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
@@ -45,8 +46,7 @@ def profile(
     Returns:
         The filled Profile.
     """
-    if calibration.numel() == 0:
-        raise ValueError("profile needs a non-empty calibration set")
+    check_token_ids(calibration, getattr(model, "config", None))
     prefix, layers = decoder_layers(model)
     all_units = units(model)
     out = Profile(tokens=int(calibration.numel()), meta={"n_samples": calibration.shape[0],

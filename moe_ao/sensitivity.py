@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moe_ao.calibration import check_token_ids
 from moe_ao.quant.gptq import gptq_quantize
 from moe_ao.quant.gptq_driver import hessian_for
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
@@ -251,13 +252,10 @@ def _layer_kls(work: Sequence[nn.Module], i: int, lp: str, units: list[Unit], la
 
 
 def _check_args(calibration: torch.Tensor, units: Sequence[Unit], group_sizes: dict[str, int], quantizer: str,
-                kl_windows: int) -> None:
+                kl_windows: int, model_config: Any) -> None:
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer={quantizer!r}; allowed: {QUANTIZERS}")
-    if not isinstance(calibration, torch.Tensor) or calibration.ndim != 2 or calibration.numel() == 0 \
-            or calibration.dtype != torch.long:
-        got = f"{calibration.dtype} {tuple(calibration.shape)}" if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-        raise ValueError(f"calibration must be non-empty int64 [n_samples, seq_len] token ids; got {got}")
+    check_token_ids(calibration, model_config)
     if isinstance(kl_windows, bool) or not isinstance(kl_windows, int) or kl_windows < 1:
         raise ValueError(f"kl_windows={kl_windows!r}; allowed: a positive int")
     bad = [u.name for u in units if u.layer is None or u.kind == "router"]
@@ -312,7 +310,7 @@ def kl_sensitivities(
             unit outside the decoder layers, a unit without a group size, or NaN/Inf
             weights (naming the unit).
     """
-    _check_args(calibration, units, group_sizes, quantizer, kl_windows)
+    _check_args(calibration, units, group_sizes, quantizer, kl_windows, model.config)
     param = next(model.parameters())
     if compute_dtype is None:
         low = param.dtype in (torch.bfloat16, torch.float16) and param.device.type == "cpu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import archs
 import pytest
@@ -81,7 +82,12 @@ def test_checkpoint_contents(tmp_path):
     out = moe_ao.save_quantized(model, tmp_path / "c")
     assert Plan.from_json(str(out / "plan.json")) == plan
     meta = json.loads((out / "moe_ao.json").read_text())
-    assert meta["format"] == "moe_ao.checkpoint" and meta["version"] == 1
+    assert meta["format"] == "moe_ao.checkpoint" and meta["version"] == 2
+    assert meta["weights"] == ["model.safetensors"]
+    # The manifest lists every other file with its size and sha256; the document carries its own digest.
+    assert set(meta["files"]) == {p.name for p in out.iterdir()} - {"moe_ao.json"}
+    assert meta["files"]["plan.json"]["sha256"] == ckpt.file_digest(out / "plan.json")
+    assert meta["sha256"] == ckpt.meta_digest(meta)
     gate_up = "model.layers.0.mlp.experts.gate_up_proj"
     assert meta["packed"][gate_up]["dtype"] == "bfloat16"
     assert tuple(meta["packed"][gate_up]["slice_bits"]) == model.get_parameter(gate_up).slice_bits
@@ -110,16 +116,81 @@ def test_saving_unquantized_model_raises(tmp_path):
 
 def test_existing_dir_needs_overwrite(tmp_path):
     model, _ = quantized("qwen2_moe")
-    target = tmp_path / "c"
-    target.mkdir()
-    (target / "keep.txt").write_text("mine")
+    target = moe_ao.save_quantized(model, tmp_path / "c")
+    before = dir_state(target)
     with pytest.raises(ValueError, match=r"exists.*overwrite=True"):
         moe_ao.save_quantized(model, target)
-    assert dir_state(target) == {"keep.txt": b"mine"}
-    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    assert dir_state(target) == before
     moe_ao.save_quantized(model, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and FILES <= {p.name for p in target.iterdir()}
+    assert FILES <= {p.name for p in target.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_overwrite_never_deletes_foreign_files(tmp_path):
+    """A folder with a user's file is refused even with overwrite=True; so is a checkpoint the user added to."""
+    model, _ = quantized("qwen2_moe")
+    target = tmp_path / "c"
+    target.mkdir()
+    (target / "precious.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not a moe_ao directory"):
+        moe_ao.save_quantized(model, target, overwrite=True)
+    assert dir_state(target) == {"precious.txt": b"mine"}
+    other = moe_ao.save_quantized(model, tmp_path / "d")
+    (other / "notes").mkdir()
+    (other / "notes" / "precious.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes/precious\.txt.*did not write"):
+        moe_ao.save_quantized(model, other, overwrite=True)
+    assert (other / "notes" / "precious.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d"]
+
+
+def test_target_that_is_a_file_is_refused_before_writing(tmp_path):
+    model, _ = quantized("mixtral")
+    target = tmp_path / "c"
+    target.write_text("a user's file")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"not a directory"):
+            moe_ao.save_quantized(model, target, overwrite=overwrite)
+    assert target.read_text() == "a user's file" and [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_empty_existing_dir_is_used_with_its_permissions(tmp_path):
+    import os
+    import stat
+    import tempfile
+
+    model, _ = quantized("mixtral")
+    with tempfile.TemporaryDirectory(dir=tmp_path) as d:  # mode 0700, as the user made it
+        out = moe_ao.save_quantized(model, d)
+        assert str(out) == str(Path(d).resolve()) and FILES <= {p.name for p in out.iterdir()}
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        assert torch.equal(logits(moe_ao.load_quantized(d)), logits(model))
+    new = moe_ao.save_quantized(model, tmp_path / "fresh")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o777 & ~mask  # the normal umask, not mkdtemp's 0700
+
+
+def test_compiled_model_saves_like_the_model(tmp_path):
+    """README order: quantize_, then torch.compile, then save: the wrapper is unwrapped."""
+    model, plan = quantized("mixtral")
+    compiled = torch.compile(model)
+    out = moe_ao.save_quantized(compiled, tmp_path / "c")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("_orig_mod") for k in f.keys())
+    assert torch.equal(logits(moe_ao.load_quantized(out)), logits(model))
+
+
+def test_sharded_checkpoint_round_trips(tmp_path):
+    model, _ = quantized("deepseek_v3", torch.bfloat16)
+    out = moe_ao.save_quantized(model, tmp_path / "c", max_shard_bytes=40_000)
+    meta = json.loads((out / "moe_ao.json").read_text())
+    assert len(meta["weights"]) > 2 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == meta["weights"]
+    for fqn in meta["packed"]:  # a packed tensor's parts stay in one shard
+        assert len({f for k, f in index["weight_map"].items() if k.startswith(fqn + "::")}) == 1
+    assert torch.equal(logits(moe_ao.load_quantized(out)), logits(model))
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -179,11 +250,12 @@ def test_loading_wrong_format_or_missing_tensor_raises(tmp_path):
     meta_file = out / "moe_ao.json"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps(meta | {"version": 99}))
-    with pytest.raises(ValueError, match=r"v99 not supported.*v1"):
+    with pytest.raises(ValueError, match=r"v99 not supported.*v1, v2"):
         moe_ao.load_quantized(out)
     meta["packed"]["model.layers.0.mlp.experts.down_proj"]["inner"].append("q5")
+    meta["sha256"] = ckpt.meta_digest(meta)
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.down_proj.*q5"):
+    with pytest.raises(ValueError, match=r"lack \['model\.layers\.0\.mlp\.experts\.down_proj::q5'\]"):
         moe_ao.load_quantized(out)
 
 

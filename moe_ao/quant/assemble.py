@@ -9,6 +9,7 @@ codes right away: memory stays bounded by one parameter's codes, not the model's
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
@@ -18,6 +19,10 @@ from torch import nn
 from moe_ao.quant.primitives import QuantizedWeight
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import Unit, unit_weight
+
+logger = logging.getLogger(__name__)
+
+HIGH_ERROR = 0.9  # relative error from which a unit counts as lost (2-bit RTN of Gaussian weights: ~0.5)
 
 
 def units_by_param(all_units: Iterable[Unit]) -> dict[str, list[Unit]]:
@@ -53,12 +58,37 @@ def pack_param(
             slices.append(W)
             continue
         slices.append(q)
-        Wf = W.float()
-        errors[u.name] = ((q.dequantize(torch.float32) - Wf).norm() / Wf.norm().clamp_min(1e-12)).item()
+        Wf, Wq = W.float(), q.dequantize(torch.float32)
+        _check_storable(u, Wq, param.dtype)
+        errors[u.name] = ((Wq - Wf).norm() / Wf.norm().clamp_min(1e-12)).item()
     return PackedWeight.from_slices(slices, tuple(param.shape), n_seg, param.dtype), errors
 
 
+def _check_storable(u: Unit, Wq: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuses a unit whose dequantized weights the model's dtype cannot hold (they would be inf).
+
+    Symmetric codes reach -2**(bits-1) steps, i.e. up to 2**bits / (2**bits - 1) of the
+    group's max |w| (4/3 of it at 2 bits), which overflows float16 near its limit.
+    """
+    if not dtype.is_floating_point or dtype.itemsize >= 4:
+        return
+    peak = Wq.abs().max().item() if Wq.numel() else 0.0
+    if not torch.isfinite(Wq.to(dtype)).all():
+        raise ValueError(f"{u.name}: its dequantized weights reach |w| = {peak:.6g}, beyond {dtype}'s largest value "
+                         f"{torch.finfo(dtype).max:.6g} (they would be inf); quantize a bfloat16 or float32 copy, or "
+                         f"give this unit more bits")
+
+
 def record_units(report, todo: list[Unit], results: Mapping[str, QuantizedWeight], errors: Mapping[str, float]) -> None:
-    """Adds per-unit lines (kind, bits, relative error) to a report's ``quantized`` dict."""
+    """Adds per-unit lines (kind, bits, relative error) to a report's ``quantized`` dict.
+
+    Units whose relative error reaches HIGH_ERROR (their weights are mostly lost, e.g.
+    below what the scale dtype resolves) are also listed in ``report.extra["high_error"]``
+    and logged: nothing is dropped without saying so.
+    """
     for u in todo:
-        report.quantized[u.name] = {"kind": u.kind, "bits": results[u.name].bits, "rel_error": round(errors[u.name], 6)}
+        err = errors[u.name]
+        report.quantized[u.name] = {"kind": u.kind, "bits": results[u.name].bits, "rel_error": round(err, 6)}
+        if not err < HIGH_ERROR:
+            report.extra.setdefault("high_error", {})[u.name] = round(err, 6)
+            logger.warning("%s: relative weight error %.3f at %d bits", u.name, err, results[u.name].bits)

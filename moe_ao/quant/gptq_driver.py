@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moe_ao.calibration import check_token_ids
 from moe_ao.plans import Plan
 from moe_ao.quant.assemble import pack_param, record_units, units_by_param
 from moe_ao.quant.gptq import gptq_quantize
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize, scale_dtype_for
+from moe_ao.quant.primitives import QuantizedWeight, check_finite, check_finite_params, rtn_quantize, scale_dtype_for
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import Unit, decoder_layers, unit_weight
 
@@ -92,6 +93,9 @@ def _quantize_phase(
         check_finite(W, u.name)
         min_tokens = opts["min_tokens"] or u.shape[1]
         H, fallback, n = hessian_for(obs, u, min_tokens)
+        if H is not None and not torch.isfinite(H).all():
+            raise ValueError(f"{u.name}: its input Hessian has {(~torch.isfinite(H)).sum().item()} NaN/Inf values "
+                             f"(the layer's inputs overflowed or a module before it is not finite)")
         record["tokens"][u.name] = n
         if fallback:
             record["fallbacks"][u.name] = fallback
@@ -168,13 +172,10 @@ def gptq_packed(
     Raises:
         ValueError: missing or empty calibration data.
     """
-    if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.numel() == 0:
+    if calibration is None:
         raise ValueError("method='gptq' needs calibration: int64 [n_samples, seq_len] token ids (moe_ao.load_calibration)")
-    if calibration.dtype != torch.long or calibration.ndim != 2:
-        raise ValueError(f"calibration must be int64 [n_samples, seq_len]; got {calibration.dtype} {tuple(calibration.shape)}")
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and int(calibration.max()) >= vocab:
-        raise ValueError(f"calibration holds token id {int(calibration.max())} >= the model's vocab_size {vocab}")
+    check_token_ids(calibration, model.config)
+    check_finite_params(model)
     stored = next(model.parameters()).dtype
     # bf16/fp16 arithmetic is slow on most CPUs (no native units), and GPTQ's Hessians
     # want float32 anyway: calibrate CPU models in float32, GPU models in their dtype.

@@ -81,14 +81,21 @@ def choose_qparams(
         amax = Wg.abs().amax(-1)
         scale = 2 * amax / maxq
         # An all-zero group gets scale 1: its codes all equal z, dequantizing to exact 0.
-        scale = torch.where(amax == 0, torch.ones_like(scale), scale).to(scale_dtype)
-        return scale, None
+        scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+        return _storable(scale, scale_dtype), None
     wmin = Wg.amin(-1).clamp(max=0)
     wmax = Wg.amax(-1).clamp(min=0)
     scale = (wmax - wmin) / maxq
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(scale_dtype)
+    scale = _storable(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
     zero = torch.round(-wmin / scale.to(work)).clamp(0, maxq).to(torch.uint8)
     return scale, zero
+
+
+def _storable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scale in ``dtype``; a positive scale too small for it (e.g. a float16 group of weights
+    ~1e-7 at 8 bits) becomes the dtype's smallest value instead of 0, which would zero
+    the whole group."""
+    return scale.clamp(min=smallest_scale(dtype)).to(dtype)
 
 
 def zero_point(zero: torch.Tensor | None, bits: int, like: torch.Tensor) -> torch.Tensor:
@@ -146,6 +153,25 @@ def check_finite(W: torch.Tensor, name: str) -> None:
     if not torch.isfinite(W).all():
         bad = (~torch.isfinite(W)).sum().item()
         raise ValueError(f"{name}: weight has {bad} NaN/Inf values; cannot quantize it")
+
+
+def check_finite_params(model) -> None:
+    """Raises ValueError naming the first parameter or buffer of ``model`` holding NaN/Inf.
+
+    Calibration runs every layer, so one non-finite weight anywhere (planned or not)
+    poisons the Hessians of every unit it feeds.
+    """
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise ValueError(f"{name}: {bad} NaN/Inf values; calibration runs through it, so the Hessians of the "
+                             f"units it feeds would not be finite")
+
+
+def smallest_scale(dtype: torch.dtype) -> float:
+    """The smallest positive value ``dtype`` holds (its smallest subnormal)."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
 
 
 def rtn_quantize(
