@@ -29,6 +29,7 @@ What a checkpoint guarantees:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -84,10 +85,12 @@ def state_and_meta(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     """The tensors a checkpoint stores (packed ones split into their parts) and their metadata.
 
     Returns:
-        (name -> tensor, {"packed": fqn -> attributes, "tied": name -> the name it shares storage with}).
+        (name -> tensor, {"packed": fqn -> attributes, "tied": name -> the name it shares storage with,
+        "tensors": plain tensor name -> {dtype, shape}}).
     """
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
+    plain: dict[str, Any] = {}
     tied: dict[str, str] = {}
     seen: dict[int, str] = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -102,7 +105,18 @@ def state_and_meta(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             packed[name] = attrs | {"inner": inner, "dtype": str(t.dtype).removeprefix("torch.")}
         else:
             tensors[name] = t.detach().contiguous()
-    return tensors, {"packed": packed, "tied": tied}
+            plain[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+    return tensors, {"packed": packed, "tied": tied, "tensors": plain}
+
+
+def _config_for(model: nn.Module) -> Any:
+    """The model's config with ``dtype`` set to its floating dtype (what HF's save records), so that
+    the loader builds its skeleton in the dtype the tensors are stored in."""
+    config = copy.deepcopy(model.config)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        config.dtype = dtype
+    return config
 
 
 def owned_files(path: Path) -> set[str] | None:
@@ -186,7 +200,7 @@ def save_quantized(
         tensors, meta = state_and_meta(model)
         weights = write_weights(stage.path, tensors, max_shard_bytes)
         del tensors
-        model.config.save_pretrained(stage.path)
+        _config_for(model).save_pretrained(stage.path)
         plan.to_json(str(stage.path / "plan.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(stage.path)

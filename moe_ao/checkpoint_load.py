@@ -24,13 +24,15 @@ from moe_ao.api import PLAN_ATTR, REPORT_ATTR, QuantizationReport, swap_in
 from moe_ao.checkpoint import (FORMAT, META_FILE, READABLE_VERSIONS, SEP, SINGLE_FILE, CheckpointError, file_digest,
                                meta_digest)
 from moe_ao.plans import Plan
-from moe_ao.tensors.layout import packed_from_parts
+from moe_ao.tensors.layout import FLOAT_DTYPES, expected_buffers, packed_from_parts
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import Unit, units
 
 logger = logging.getLogger(__name__)
 
 # safetensors' dtype names
+_NAMED = {"uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+          "bool": torch.bool, "float64": torch.float64}
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -48,14 +50,21 @@ def _check_types(path: Path, meta: dict[str, Any]) -> None:
     where = path / META_FILE
     checks = {"packed": dict, "tied": dict}
     if meta["version"] >= 2:
-        checks |= {"files": dict, "weights": list}
+        checks |= {"files": dict, "weights": list, "tensors": dict}
     for key, kind in checks.items():
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{where}: {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}, "
                                   f"got {type(meta.get(key)).__name__}")
     for fqn, info in meta["packed"].items():
-        if not isinstance(info, dict) or not isinstance(info.get("inner"), list):
+        inner = info.get("inner") if isinstance(info, dict) else None
+        if not isinstance(inner, list) or not all(isinstance(n, str) for n in inner) or len(set(inner)) != len(inner):
             raise CheckpointError(f"{where}: packed tensor {fqn}: attributes must be an object with an 'inner' list")
+    for name, rec in meta.get("tensors", {}).items():
+        if not (isinstance(rec, dict) and isinstance(rec.get("dtype"), str)
+                and (rec["dtype"] in FLOAT_DTYPES or rec["dtype"] in _NAMED) and isinstance(rec.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) for d in rec["shape"])):
+            raise CheckpointError(f"{where}: tensor {name}: record {rec!r} must be {{'dtype': a dtype name, "
+                                  f"'shape': [int, ...]}}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["tied"].items()):
         raise CheckpointError(f"{where}: 'tied' must map tensor names to tensor names")
     if meta.get("report") is not None and not isinstance(meta["report"], dict):
@@ -140,12 +149,21 @@ def check_headers(path: Path, meta: dict[str, Any], model: nn.Module,
             continue
         if name in packed:
             info = packed[name]
-            if list(info.get("logical_shape", ())) != list(t.shape) or info.get("dtype") != str(t.dtype)[6:]:
-                raise CheckpointError(f"{path / META_FILE}: packed tensor {name} is {info.get('dtype')} "
-                                      f"{info.get('logical_shape')}, the model's is {t.dtype} {tuple(t.shape)}")
+            try:
+                expected_buffers(info, t.dtype)  # attributes well-formed (their buffers are checked later)
+            except ValueError as e:
+                raise CheckpointError(f"{path / META_FILE}: packed tensor {name}: {e}") from None
+            if list(info["logical_shape"]) != list(t.shape):
+                raise CheckpointError(f"{path / META_FILE}: packed tensor {name} has logical_shape "
+                                      f"{info.get('logical_shape')}, the model's is {tuple(t.shape)}")
             want |= {f"{name}{SEP}{n}": None for n in info["inner"]}  # checked against their attributes later
         else:
-            want[name] = (tuple(t.shape), t.dtype)
+            recorded = meta.get("tensors", {}).get(name)  # format 2 records every plain tensor's dtype
+            dtype = (FLOAT_DTYPES | _NAMED)[recorded["dtype"]] if recorded else None
+            if recorded is not None and list(t.shape) != recorded["shape"]:
+                raise CheckpointError(f"{path / META_FILE}: tensor {name} is recorded as {recorded}, the model's is "
+                                      f"{tuple(t.shape)}")
+            want[name] = (tuple(t.shape), dtype)
     unknown = sorted(set(packed) - set(state)) + sorted(set(tied) - set(state))
     if unknown:
         raise CheckpointError(f"{path / META_FILE}: names tensors the model does not have: {unknown[:3]}")
@@ -154,9 +172,9 @@ def check_headers(path: Path, meta: dict[str, Any], model: nn.Module,
         raise CheckpointError(f"{path}: the weight files lack {missing[:3]} and/or hold unexpected {extra[:3]}")
     for key, expected in want.items():
         file, shape, dtype = headers[key]
-        if expected is not None and (shape, dtype) != expected:
-            raise CheckpointError(f"{path / file}: tensor {key} is {dtype} {shape}, the model's is "
-                                  f"{expected[1]} {expected[0]}")
+        if expected is not None and (shape != expected[0] or expected[1] not in (None, dtype)):
+            raise CheckpointError(f"{path / file}: tensor {key} is {dtype} {shape}, expected "
+                                  f"{expected[1] or 'a tensor of shape'} {expected[0]}")
 
 
 def _slice_of(u: Unit, w: PackedWeight) -> int:

@@ -34,6 +34,16 @@ def test_plan_then_quantize_round_trip(tmp_path, capsys):
     ids = torch.tensor([[1, 2, 3, 4]])
     ref = moe_ao.quantize_(model, plan)
     assert torch.equal(q(ids).logits, ref(ids).logits)
+    # Rerunning into the checkpoint needs --overwrite; a folder with a user's file is never replaced.
+    again = ["quantize", "--model", "tiny-mixtral", "--plan", str(plan_file), "--method", "rtn", "-o", str(out)]
+    assert main(again) == 2 and "overwrite" in capsys.readouterr().err
+    assert main(again + ["--overwrite"]) == 0
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "precious.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(again[:-1] + [str(user), "--overwrite"]) == 2
+    assert "not a moe_ao directory" in capsys.readouterr().err and (user / "precious.txt").read_text() == "keep"
 
 
 @pytest.mark.slow
@@ -64,4 +74,6 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "reload bit-exact: True" in text and "held-out KL" in text
     assert (out / "demo_report.md").is_file() and (out / "plan_heatmap.png").is_file()
-    assert (out / "plan.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "checkpoint" / "plan.json").is_file() and (out / "checkpoint" / "model.safetensors").is_file()
+    # A rerun into the same folder replaces the checkpoint (the report beside it is not in its way).
+    assert main(["demo", "--method", "rtn", "--n-samples", "4", "--seq-len", "64", "--out", str(out)]) == 0

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from moe_ao.quant.primitives import QuantizedWeight
+from moe_ao.quant.primitives import QuantizedWeight, dequantize_codes
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.units import Unit, unit_weight
 
@@ -58,7 +58,8 @@ def pack_param(
             slices.append(W)
             continue
         slices.append(q)
-        Wf, Wq = W.float(), q.dequantize(torch.float32)
+        # In float32 from the stored scales: exact, and able to show values the model dtype overflows on.
+        Wf, Wq = W.float(), dequantize_codes(q.codes, q.scale.float(), q.zero, q.bits, q.group_size)
         _check_storable(u, Wq, param.dtype)
         errors[u.name] = ((Wq - Wf).norm() / Wf.norm().clamp_min(1e-12)).item()
     return PackedWeight.from_slices(slices, tuple(param.shape), n_seg, param.dtype), errors

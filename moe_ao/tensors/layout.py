@@ -139,7 +139,8 @@ def packed_from_parts(fqn: str, attrs: Mapping[str, Any], inner: Mapping[str, to
     Raises:
         ValueError: anything :func:`check_packed` refuses, or an unknown dtype.
     """
-    dtype = FLOAT_DTYPES.get(attrs.get("dtype"))
+    name = attrs.get("dtype")
+    dtype = FLOAT_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise ValueError(f"packed tensor {fqn}: dtype={attrs.get('dtype')!r}; allowed: {sorted(FLOAT_DTYPES)}")
     check_packed(fqn, attrs, dtype, inner)
