@@ -311,7 +311,7 @@ def main_env_quality(model, weights_path: str, windows, ref_lp) -> dict:
     import torch
 
     import moe_ao
-    from moe_ao.units import unit_weight
+    from moe_ao.discovery import unit_weight
 
     weights = torch.load(weights_path)
     m = copy.deepcopy(model)

@@ -5,24 +5,30 @@ Typical use::
     units = moe_ao.units(model)
     plan = moe_ao.Plan({u.name: 2 for u in units if u.kind == "expert"}, group_size=64)
     # or let the planner choose: moe_ao.plan(model, "knapsack", budget_bits=2.5, stats=profile)
-    model = moe_ao.quantize_(model, plan)
+    model = moe_ao.quantize_(model, plan)              # RTN; or moe_ao.GPTQConfig(calibration=ids)
     moe_ao.save_quantized(model, "out/")
 """
 
+from moe_ao import calibration, planner, profiling  # noqa: F401  (submodules the README uses as moe_ao.<name>)
 from moe_ao.api import MoEPlanConfig, QuantizationReport, quantization_report, quantize_, quantized_plan, whole_model
 from moe_ao.checkpoint import load_quantized, save_quantized
+from moe_ao.discovery import units
 from moe_ao.planner import plan
 from moe_ao.plans import Plan, QuantSpec
+from moe_ao.quant.configs import GPTQConfig, RTNConfig
 from moe_ao.report import memory_report
 from moe_ao.tensors.packed import PackedWeight
-from moe_ao.units import Unit, units
+from moe_ao.unit import Kind, Unit
 
 __all__ = [
+    "GPTQConfig",
+    "Kind",
     "MoEPlanConfig",
     "PackedWeight",
     "Plan",
     "QuantSpec",
     "QuantizationReport",
+    "RTNConfig",
     "Unit",
     "load_quantized",
     "memory_report",

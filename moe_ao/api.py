@@ -24,9 +24,11 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from moe_ao import experts as experts_impl
 from moe_ao.plans import Plan, QuantSpec
 from moe_ao.quant.assemble import pack_param, record_units, units_by_param
+from moe_ao.quant.configs import GPTQConfig, Method, QuantizerConfig, RTNConfig, make_config
 from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize, scale_dtype_for
 from moe_ao.tensors.packed import PackedWeight
-from moe_ao.units import Unit, unit_weight, units
+from moe_ao.discovery import unit_weight, units
+from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ class QuantizationReport:
         return {"method": self.method, "quantized": self.quantized, "kept": self.kept, "extra": self.extra}
 
 
-def rtn_unit(unit: Unit, W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest quantizer for one unit."""
+def rtn_unit(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantization of one unit's weight W [out, in] by its spec."""
     return rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype=scale_dtype_for(W.dtype))
 
 
@@ -129,7 +131,7 @@ def _rtn_packed(
         for u in todo:
             W = unit_weight(model, u).detach()
             check_finite(W, u.name)
-            results[u.name] = rtn_unit(u, W, plan[u.name])
+            results[u.name] = rtn_unit(W, plan[u.name])
         new[fqn], errors = pack_param(model, fqn, param_units, results)
         record_units(report, todo, results, errors)
     return new
@@ -138,27 +140,34 @@ def _rtn_packed(
 def quantize_(
     model: nn.Module,
     plan: Plan,
+    config: QuantizerConfig | str | None = None,
     *,
-    method: str = "rtn",
+    method: str | Method | None = None,
     calibration: Any = None,
-    **method_kwargs: Any,
+    **options: Any,
 ) -> nn.Module:
     """Quantizes ``model`` in place according to ``plan`` and returns it.
 
     Args:
         model: a transformers MoE causal LM (any layout :func:`moe_ao.units` knows).
         plan: unit name -> spec; units not named stay as they are.
-        method: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``).
-        calibration: calibration token batches for data-driven methods.
-        **method_kwargs: passed to the method (e.g. GPTQ's damp, act_order).
+        config: ``RTNConfig()`` (the default) or ``GPTQConfig(calibration=ids, ...)``;
+            a method name is accepted too.
+        method: the method by name (``"rtn"``, ``"gptq"``), with its options as keywords;
+            the same as passing the config it builds (``moe_ao.quant.configs.make_config``).
+        calibration: calibration token batches, for ``method="gptq"``.
+        **options: the method's options by name (e.g. ``act_order=False``).
 
     Returns:
         The same model object, quantized.
 
     Raises:
-        ValueError: the plan does not fit the model, a weight is not finite, the model
-            is already quantized, or the method is unknown. The model is unchanged.
+        ValueError: the plan does not fit the model or quantizes nothing, a weight is not
+            finite, the model is already quantized, or the method or an option is unknown.
+            The model is unchanged.
+        TypeError: ``plan`` is not a Plan, or ``config`` is not a quantizer config.
     """
+    config = _resolve_config(config, method, calibration, options)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a moe_ao.Plan, got {type(plan).__name__}")
     if getattr(model, PLAN_ATTR, None) is not None:
@@ -170,23 +179,34 @@ def quantize_(
     if not planned:
         raise ValueError(f"the plan quantizes none of the model's {len(all_units)} units ({len(plan)} entries, none "
                          f"below 16 bits): nothing to do; name units with bits in (2, 3, 4, 8)")
-    report = QuantizationReport(method)
+    report = QuantizationReport(config.method.value)
     for u in all_units:
         if u.name not in plan:
             report.kept[u.name] = "not in plan"
         elif not plan[u.name].quantized:
             report.kept[u.name] = "planned at 16 bits"
-    if method == "rtn":
-        if method_kwargs:
-            raise ValueError(f"method 'rtn' takes no options; got {sorted(method_kwargs)}")
-        new = _rtn_packed(model, plan, planned, all_units, report)
-    elif method == "gptq":
-        from moe_ao.quant.gptq_driver import gptq_packed  # heavy; only when asked for
+    if isinstance(config, GPTQConfig):
+        from moe_ao.quant.gptq_driver import gptq_packed  # the calibration machinery: only when asked for
 
-        new = gptq_packed(model, plan, planned, all_units, calibration, report, **method_kwargs)
+        new = gptq_packed(model, plan, planned, all_units, config, report)
     else:
-        raise ValueError(f"method={method!r} is not supported; allowed: ('rtn', 'gptq')")
+        new = _rtn_packed(model, plan, planned, all_units, report)
     return apply_packed(model, plan, new, report)
+
+
+def _resolve_config(config: Any, method: Any, calibration: Any, options: dict[str, Any]) -> QuantizerConfig:
+    """The one config object behind quantize_'s typed and keyword forms."""
+    if isinstance(config, (RTNConfig, GPTQConfig)):
+        if method is not None or calibration is not None or options:
+            raise ValueError("pass either a config object or method=/calibration=/options, not both")
+        return config
+    if config is not None and not isinstance(config, str):
+        raise TypeError(f"config must be RTNConfig, GPTQConfig or a method name, got {type(config).__name__}")
+    if config is not None and method is not None:
+        raise ValueError(f"method given twice: {config!r} and method={method!r}")
+    if calibration is not None:
+        options = {**options, "calibration": calibration}
+    return make_config(config or method or Method.RTN, **options)
 
 
 def quantized_plan(model: nn.Module) -> Plan | None:
@@ -201,17 +221,27 @@ def quantization_report(model: nn.Module) -> QuantizationReport | None:
 
 @dataclass
 class MoEPlanConfig(AOBaseConfig):
-    """torchao config wrapping a moe_ao Plan.
+    """torchao config wrapping a moe_ao Plan and the quantizer to apply it with.
 
     torchao's ``quantize_`` hands its handler one module at a time and, by default,
     only ``nn.Linear`` modules; fused experts are not Linears. Pass
     ``filter_fn=moe_ao.whole_model`` so the handler sees the root model::
 
-        torchao.quantization.quantize_(model, MoEPlanConfig(plan), filter_fn=moe_ao.whole_model)
+        torchao.quantization.quantize_(model, MoEPlanConfig(plan, GPTQConfig(calibration=ids)),
+                                       filter_fn=moe_ao.whole_model)
+
+    Attributes:
+        plan: the plan.
+        quantizer: ``RTNConfig()`` (default) or a ``GPTQConfig``.
     """
 
     plan: Plan
-    method: str = "rtn"
+    quantizer: QuantizerConfig = field(default_factory=RTNConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quantizer, (RTNConfig, GPTQConfig)):
+            raise TypeError(f"MoEPlanConfig.quantizer must be RTNConfig or GPTQConfig, got "
+                            f"{type(self.quantizer).__name__}")
 
 
 def whole_model(module: nn.Module, fqn: str) -> bool:
@@ -221,4 +251,4 @@ def whole_model(module: nn.Module, fqn: str) -> bool:
 
 @register_quantize_module_handler(MoEPlanConfig)
 def _moe_plan_handler(module: nn.Module, config: MoEPlanConfig) -> nn.Module:
-    return quantize_(module, config.plan, method=config.method)
+    return quantize_(module, config.plan, config.quantizer)

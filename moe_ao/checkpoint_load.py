@@ -26,7 +26,8 @@ from moe_ao.checkpoint import (FORMAT, META_FILE, READABLE_VERSIONS, SEP, SINGLE
 from moe_ao.plans import Plan
 from moe_ao.tensors.layout import FLOAT_DTYPES, expected_buffers, packed_from_parts
 from moe_ao.tensors.packed import PackedWeight
-from moe_ao.units import Unit, units
+from moe_ao.discovery import units
+from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
 

@@ -117,7 +117,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_units(args: argparse.Namespace) -> None:
     from moe_ao import models
-    from moe_ao.units import units
+    from moe_ao.discovery import units
 
     model, _ = models.load(args.model)
     for u in units(model):

@@ -1,6 +1,6 @@
 """Bit plans: which logical linear gets which quantization spec.
 
-A plan is data. It maps unit names (see :mod:`moe_ao.units`) to a :class:`QuantSpec`,
+A plan is data. It maps unit names (see :mod:`moe_ao.discovery`) to a :class:`QuantSpec`,
 round-trips through a small versioned JSON format, and is saved with every quantized
 checkpoint. Units a plan does not name stay as they are.
 
@@ -30,6 +30,8 @@ import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from moe_ao.discovery import as_units
 
 PLAN_FORMAT = "moe_ao.plan"
 PLAN_VERSION = 1
@@ -198,7 +200,7 @@ class Plan(Mapping[str, QuantSpec]):
         """Checks every entry against the model's units before anything changes.
 
         Args:
-            units: the model's :class:`moe_ao.units.Unit` list.
+            units: the model's :class:`moe_ao.unit.Unit` list.
 
         Raises:
             ValueError: unknown unit, unsupported kind, group size not dividing
@@ -248,8 +250,6 @@ class Plan(Mapping[str, QuantSpec]):
         return self._weighted(model_or_units, QuantSpec.storage_bits, include_router=True)
 
     def _weighted(self, model_or_units: Any, bits_of, include_router: bool = False) -> float:
-        from moe_ao.units import as_units  # local: units imports nothing from plan
-
         num = den = 0.0
         for u in as_units(model_or_units):
             spec = self._specs.get(u.name)

@@ -17,7 +17,7 @@ from moe_ao.calibration import check_token_ids
 from moe_ao.profile_stats import Profile
 from moe_ao.quant.layerwise import capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.units import decoder_layers, units
+from moe_ao.discovery import decoder_layers, units
 
 
 @torch.no_grad()

@@ -44,17 +44,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_ao.calibration import check_token_ids
-from moe_ao.quant.gptq import gptq_quantize
-from moe_ao.quant.gptq_driver import hessian_for
+from moe_ao.discovery import decoder_layers, unit_weight
+from moe_ao.discovery import units as model_units
+from moe_ao.plans import QuantSpec
+from moe_ao.quant.batched import quantize_units
+from moe_ao.quant.configs import Method
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.quant.primitives import check_finite, rtn_quantize, scale_dtype_for
-from moe_ao.units import Unit, decoder_layers, unit_weight
-from moe_ao.units import units as model_units
+from moe_ao.quant.primitives import check_finite, scale_dtype_for
+from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
 
-QUANTIZERS = ("gptq", "rtn")
+QUANTIZERS = tuple(m.value for m in Method)
 HEAD_ELEMENTS = 2**21  # logits per head evaluation (8 MB of float32): see _Reference._pieces
 
 
@@ -173,7 +175,7 @@ def _hessians(
         run_layer(layer, inputs)
     hessians, fallbacks = {}, {}
     for u in units:
-        H, fallback, _ = hessian_for(obs, u, u.shape[1])
+        H, fallback, _ = obs.hessian_or_fallback(u, u.shape[1])
         if fallback:
             fallbacks[u.name] = fallback
         if H is not None:
@@ -196,23 +198,9 @@ def _candidates(
     quant: _Quantize,
 ) -> dict[str, torch.Tensor]:
     """unit -> its weight quantized at ``bits`` and dequantized [R, K]: GPTQ where it has a Hessian, else RTN."""
-    out: dict[str, torch.Tensor] = {}
-    batches: dict[tuple, list[Unit]] = defaultdict(list)
-    symmetric, scale_dtype = quant.symmetric, quant.scale_dtype
-    for u in units:
-        W, g = weights[u.name], quant.group_sizes[u.name]
-        if u.name in hessians:
-            batches[(u.shape, g)].append(u)
-        else:
-            out[u.name] = rtn_quantize(W, bits, g, symmetric, scale_dtype).dequantize(W.dtype)
-    for (_, g), us in batches.items():  # one batched GPTQ call per weight shape, as the driver does
-        Ws = torch.stack([weights[u.name] for u in us])  # [B, R, K]
-        Hs = torch.stack([hessians[u.name] for u in us])  # [B, K, K]
-        q, _ = gptq_quantize(Ws, Hs, bits=bits, group_size=g, symmetric=symmetric, scale_dtype=scale_dtype,
-                             act_order=True)
-        for u, W in zip(us, q.dequantize(Ws.dtype)):
-            out[u.name] = W
-    return out
+    specs = {u.name: QuantSpec(bits, quant.group_sizes[u.name], quant.symmetric) for u in units}
+    results, _ = quantize_units({u.name: weights[u.name] for u in units}, specs, hessians, quant.scale_dtype)
+    return {name: q.dequantize(weights[name].dtype) for name, q in results.items()}
 
 
 @contextmanager
@@ -253,8 +241,7 @@ def _layer_kls(work: Sequence[nn.Module], i: int, lp: str, units: list[Unit], la
 
 def _check_args(calibration: torch.Tensor, units: Sequence[Unit], group_sizes: dict[str, int], quantizer: str,
                 kl_windows: int, model_config: Any) -> None:
-    if quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer={quantizer!r}; allowed: {QUANTIZERS}")
+    Method.parse(quantizer, "quantizer")
     check_token_ids(calibration, model_config)
     if isinstance(kl_windows, bool) or not isinstance(kl_windows, int) or kl_windows < 1:
         raise ValueError(f"kl_windows={kl_windows!r}; allowed: a positive int")

@@ -52,7 +52,7 @@ from moe_ao.passes.dataflow import (
 )
 from moe_ao.passes.mlp_chains import Chain, find_chains, gate_up_rows
 from moe_ao.passes.weight_uses import WeightUse, is_weight_placeholder, weight_uses
-from moe_ao.units import Unit, layer_index
+from moe_ao.unit import Unit, layer_index
 
 logger = logging.getLogger(__name__)
 

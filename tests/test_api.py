@@ -19,7 +19,7 @@ from moe_ao import experts as experts_impl
 from moe_ao.plans import Plan
 from moe_ao.quant.primitives import rtn_quantize
 from moe_ao.tensors.packed import PackedWeight
-from moe_ao.units import unit_weight
+from moe_ao.discovery import unit_weight
 
 GROUP = 32
 F32_TOL = dict(rtol=1e-5, atol=2e-5)  # float32 compute, different summation orders
@@ -272,11 +272,11 @@ def test_quantizer_failing_halfway_leaves_model_untouched(arch, monkeypatch):
     real = moe_ao.api.rtn_unit
     calls = []
 
-    def failing(unit, W, spec):
-        calls.append(unit.name)
+    def failing(W, spec):
+        calls.append(spec)
         if len(calls) == len(plan) // 2:
-            raise RuntimeError(f"quantizer failed on {unit.name}")
-        return real(unit, W, spec)
+            raise RuntimeError(f"quantizer failed on unit {len(calls)}")
+        return real(W, spec)
 
     monkeypatch.setattr(moe_ao.api, "rtn_unit", failing)
     snap, impl = snapshot(model), model.config._experts_implementation
@@ -305,8 +305,12 @@ def test_bad_arguments():
     plan = Plan({"model.layers.0.self_attn.q_proj": 4}, group_size=GROUP)
     with pytest.raises(ValueError, match=r"method='awq'.*\('rtn', 'gptq'\)"):
         moe_ao.quantize_(model, plan, method="awq")
-    with pytest.raises(ValueError, match="takes no options"):
+    with pytest.raises(ValueError, match=r"method 'rtn' takes no option\(s\) \['damp'\]"):
         moe_ao.quantize_(model, plan, damp=0.1)
+    with pytest.raises(ValueError, match="either a config object or"):
+        moe_ao.quantize_(model, plan, moe_ao.RTNConfig(), method="rtn")
+    with pytest.raises(TypeError, match="config must be RTNConfig, GPTQConfig or a method name"):
+        moe_ao.quantize_(model, plan, 4)
     assert moe_ao.quantized_plan(model) is None
 
 

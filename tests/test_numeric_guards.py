@@ -12,7 +12,7 @@ import moe_ao
 from moe_ao import experts as experts_impl
 from moe_ao.plans import Plan
 from moe_ao.quant import assemble
-from moe_ao.units import unit_weight
+from moe_ao.discovery import unit_weight
 
 
 def _untouched(model, snap, impl) -> bool:

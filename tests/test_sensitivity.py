@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moe_ao.quant.gptq import gptq_quantize
 from moe_ao.quant.primitives import rtn_quantize
 from moe_ao.sensitivity import Head, kl_sensitivities
-from moe_ao.units import decoder_layers, unit_weight, units
+from moe_ao.discovery import decoder_layers, unit_weight, units
 
 SEQ = 16
 

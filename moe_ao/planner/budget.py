@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_ao.units import Unit
+from moe_ao.unit import Unit
 
 
 @dataclass(frozen=True)

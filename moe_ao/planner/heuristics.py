@@ -17,7 +17,7 @@ from moe_ao.planner.budget import Rule, Upgrade, accounting_weights, closest_pre
 from moe_ao.planner.context import FFN_KINDS, QUANT_BITS, Context, check_bits
 from moe_ao.planner.predictor import PredictorConfig, block_scores, config_dict
 from moe_ao.planner.scorers import outlier_score
-from moe_ao.units import PROJ_ALIASES
+from moe_ao.discovery import PROJ_ALIASES
 
 def _round(x: float) -> float:
     return round(float(x), 6)

@@ -35,13 +35,24 @@ from typing import Any
 
 import torch
 
+from moe_ao.choices import Choice
 from moe_ao.planner.budget import accounting_weights, check_feasible
 from moe_ao.planner.context import Context, check_bits
 from moe_ao.planner.scorers import sensitivity_table
-from moe_ao.units import Unit
+from moe_ao.unit import Unit
+
+
+
+class Sensitivity(Choice):
+    """Where the knapsack's per-unit losses come from (see :func:`knapsack`)."""
+
+    AUTO = "auto"
+    KL = "kl"
+    HESSIAN = "hessian"
+
 
 METHODS = ("auto", "dp", "lagrangian", "greedy")
-SENSITIVITIES = ("auto", "kl", "hessian")
+SENSITIVITIES = tuple(s.value for s in Sensitivity)
 MAX_DP_STATES = 50_000_000  # n_units x (capacity / gcd + 1) cells: ~50 MB of choices
 
 
@@ -285,8 +296,7 @@ def knapsack(
         raise ValueError(f"kinds={kinds}: allowed are the planned kinds {planned_kinds}")
     free = [u for u in ctx.units if u.kind in kinds and u.kind != "router"]
     weights = accounting_weights(ctx.units)
-    if sensitivity not in SENSITIVITIES:
-        raise ValueError(f"sensitivity={sensitivity!r}; allowed: {SENSITIVITIES}")
+    sensitivity = Sensitivity.parse(sensitivity, "sensitivity")
     if sensitivity == "auto":
         sensitivity = "kl" if ctx.stats is not None and ctx.stats.sensitivities else "hessian"
     if sensitivities is not None:

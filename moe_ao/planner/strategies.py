@@ -26,7 +26,8 @@ from moe_ao.planner.combine import combination
 from moe_ao.planner.context import Context, bound_params, group_sizes, resolve_base
 from moe_ao.planner.optimizer import knapsack
 from moe_ao.profile_stats import Profile
-from moe_ao.units import Unit, as_units
+from moe_ao.discovery import as_units
+from moe_ao.unit import Unit
 
 
 @dataclass(frozen=True)

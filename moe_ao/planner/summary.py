@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from moe_ao.plans import Plan
-from moe_ao.units import Unit, as_units
+from moe_ao.discovery import as_units
+from moe_ao.unit import Unit
 
 COLUMN_KINDS = ("attention", "expert", "shared_expert", "dense_mlp")
 

@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from moe_ao.calibration import check_token_ids
 from moe_ao.plans import Plan
 from moe_ao.quant.assemble import pack_param, record_units, units_by_param
-from moe_ao.quant.gptq import gptq_quantize
+from moe_ao.quant.batched import quantize_units
+from moe_ao.quant.configs import GPTQConfig
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.quant.primitives import QuantizedWeight, check_finite, check_finite_params, rtn_quantize, scale_dtype_for
+from moe_ao.quant.primitives import QuantizedWeight, check_finite, check_finite_params, scale_dtype_for
 from moe_ao.tensors.packed import PackedWeight
-from moe_ao.units import Unit, decoder_layers, unit_weight
+from moe_ao.discovery import decoder_layers, unit_weight
+from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
 
@@ -65,57 +67,26 @@ def _write_back(layer: nn.Module, prefix: str, u: Unit, q: QuantizedWeight) -> N
         W.copy_(q.dequantize(W.dtype))
 
 
-def hessian_for(obs: LayerObserver, u: Unit, min_tokens: int) -> tuple[torch.Tensor | None, str | None, int]:
-    """The unit's mean Hessian, or its rare-expert fallback (see the module doc).
-
-    Returns:
-        (H or None for RTN, None / "pooled" / "rtn", tokens the unit saw).
-    """
-    H, n = obs.hessian(u)
-    if n >= min_tokens:
-        return H, None, n
-    if u.fused:
-        H, pooled = obs.pooled_hessian(u)
-        if pooled >= min_tokens:
-            return H, "pooled", n
-    return None, "rtn", n
-
-
 def _quantize_phase(
-    layer: nn.Module, prefix: str, obs: LayerObserver, units: list[Unit], plan: Plan,
-    opts: dict[str, Any], results: dict[str, QuantizedWeight], record: dict[str, Any],
+    layer: nn.Module, prefix: str, obs: LayerObserver, units: list[Unit], plan: Plan, config: GPTQConfig,
+    stored: torch.dtype, results: dict[str, QuantizedWeight], record: dict[str, Any],
 ) -> None:
-    # Batch units that share (shape, spec): e.g. all gate/up slices of the experts at one width.
-    batches: dict[tuple, list[tuple[Unit, torch.Tensor]]] = defaultdict(list)
+    weights, hessians = {}, {}
     for u in units:
-        spec = plan[u.name]
         W = unit_weight(layer, Unit(**{**u.__dict__, "param": u.param[len(prefix) + 1 :]})).detach()
         check_finite(W, u.name)
-        min_tokens = opts["min_tokens"] or u.shape[1]
-        H, fallback, n = hessian_for(obs, u, min_tokens)
-        if H is not None and not torch.isfinite(H).all():
-            raise ValueError(f"{u.name}: its input Hessian has {(~torch.isfinite(H)).sum().item()} NaN/Inf values "
-                             f"(the layer's inputs overflowed or a module before it is not finite)")
+        H, fallback, n = obs.hessian_or_fallback(u, config.min_tokens or u.shape[1])
         record["tokens"][u.name] = n
         if fallback:
             record["fallbacks"][u.name] = fallback
-        if H is None:
-            results[u.name] = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype_for(opts["dtype"]))
-            continue
-        batches[(tuple(W.shape), spec)].append((u, W, H))
-    for (_, spec), items in batches.items():
-        Ws = torch.stack([w for _, w, _ in items])  # [B, R, K]
-        Hs = torch.stack([h for _, _, h in items])  # [B, K, K]
-        q, stats = gptq_quantize(
-            Ws, Hs, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
-            scale_dtype=scale_dtype_for(opts["dtype"]), damp=opts["damp"], blocksize=opts["blocksize"],
-            act_order=opts["act_order"],
-        )
-        for i, (u, _, _) in enumerate(items):
-            results[u.name] = QuantizedWeight(
-                q.codes[i], q.scale[i], None if q.zero is None else q.zero[i], q.bits, q.group_size
-            )
-            record["loss"][u.name] = float(stats.loss[i])
+        weights[u.name] = W
+        if H is not None:
+            hessians[u.name] = H
+    quantized, losses = quantize_units(weights, {u.name: plan[u.name] for u in units}, hessians,
+                                       scale_dtype_for(stored), damp=config.damp, blocksize=config.blocksize,
+                                       act_order=config.act_order)
+    results.update(quantized)
+    record["loss"].update(losses)
     for u in units:
         _write_back(layer, prefix, u, results[u.name])
 
@@ -125,18 +96,8 @@ def gptq_packed(
     plan: Plan,
     planned: list[Unit],
     all_units: list[Unit],
-    calibration: torch.Tensor | None,
+    config: GPTQConfig,
     report: Any,
-    *,
-    damp: float = 0.01,
-    blocksize: int = 128,
-    act_order: bool = True,
-    min_tokens: int | None = None,
-    weight_by_routing: bool = False,
-    batch_size: int = 8,
-    compute_dtype: torch.dtype | None = None,
-    true_sequential: bool = True,
-    progress: bool = True,
 ) -> dict[str, PackedWeight]:
     """GPTQ-quantized, packed parameters for every planned unit, without changing ``model``.
 
@@ -149,39 +110,25 @@ def gptq_packed(
         planned: units to quantize (bits < 16).
         all_units: every unit of the model (as ``moe_ao.units`` returned them; not
             recomputed here, since discovery may run a graph capture).
-        calibration: int64 [n, L] token windows (see moe_ao.calibration).
+        config: the calibration and GPTQ options (validated by GPTQConfig).
         report: QuantizationReport; per-unit errors go to ``report.quantized``, and
             tokens, fallbacks and GPTQ losses to ``report.extra``.
-        damp: GPTQ dampening (fraction of mean diag H).
-        blocksize: GPTQ lazy-batch block.
-        act_order: GPTQ act-order with static groups (default; the paper ran Mixtral
-            without it). Measured on both embedded models it cut KL by 1.4-1.6x at equal
-            cost, and it is what llm-compressor does by default.
-        min_tokens: tokens below which an expert falls back (default: in_features).
-        weight_by_routing: weight expert Hessians by routing weights.
-        batch_size: calibration windows per forward.
-        compute_dtype: dtype of the layer-wise calibration forward passes (default:
-            float32 on CPU, the model's dtype elsewhere).
-        true_sequential: quantize a layer in the paper's phases, each re-running the
-            layer (default); False collects all of a layer's Hessians in one pass.
-        progress: show a progress bar.
 
     Returns:
         parameter FQN -> PackedWeight.
 
     Raises:
-        ValueError: missing or empty calibration data.
+        ValueError: token ids outside the vocabulary, a non-finite parameter, or a
+            planned unit outside the decoder layers.
     """
-    if calibration is None:
-        raise ValueError("method='gptq' needs calibration: int64 [n_samples, seq_len] token ids (moe_ao.load_calibration)")
+    calibration = config.calibration
     check_token_ids(calibration, model.config)
     check_finite_params(model)
     stored = next(model.parameters()).dtype
     # bf16/fp16 arithmetic is slow on most CPUs (no native units), and GPTQ's Hessians
     # want float32 anyway: calibrate CPU models in float32, GPU models in their dtype.
     device = next(model.parameters()).device
-    compute_dtype = compute_dtype or (torch.float32 if device.type == "cpu" else stored)
-    opts = dict(damp=damp, blocksize=blocksize, act_order=act_order, min_tokens=min_tokens, dtype=stored)
+    compute_dtype = config.compute_dtype or (torch.float32 if device.type == "cpu" else stored)
     prefix_list, layers = decoder_layers(model)
     by_layer: dict[int, list[Unit]] = defaultdict(list)
     for u in planned:
@@ -190,23 +137,23 @@ def gptq_packed(
         by_layer[u.layer].append(u)
     record: dict[str, Any] = {"tokens": {}, "fallbacks": {}, "loss": {}, "routing_counts": {}}
     packed: dict[str, PackedWeight] = {}
-    inputs: LayerInputs = capture_inputs(model, calibration, batch_size).to(compute_dtype)
+    inputs: LayerInputs = capture_inputs(model, calibration, config.batch_size).to(compute_dtype)
     all_layer_units: dict[int, list[Unit]] = defaultdict(list)
     for u in all_units:
         if u.layer is not None:
             all_layer_units[u.layer].append(u)
-    for i in tqdm(range(len(layers)), desc="gptq layers", disable=not progress):
+    for i in tqdm(range(len(layers)), desc="gptq layers", disable=not config.progress):
         results: dict[str, QuantizedWeight] = {}
         prefix = f"{prefix_list}.{i}"
         work = copy.deepcopy(layers[i]).to(compute_dtype)
-        phase_of = _phase if true_sequential else (lambda u: 0)
+        phase_of = _phase if config.true_sequential else (lambda u: 0)
         units_i = by_layer.get(i, [])
         for phase in sorted({phase_of(u) for u in units_i}):
             phase_units = [u for u in units_i if phase_of(u) == phase]
             with LayerObserver(prefix, work, all_layer_units[i], {u.name for u in phase_units},
-                               weight_by_routing) as obs:
+                               config.weight_by_routing) as obs:
                 run_layer(work, inputs)
-            _quantize_phase(work, prefix, obs, phase_units, plan, opts, results, record)
+            _quantize_phase(work, prefix, obs, phase_units, plan, config, stored, results, record)
             if obs.routing_counts is not None:
                 record["routing_counts"][i] = obs.routing_counts.tolist()
         inputs = run_layer(work, inputs)

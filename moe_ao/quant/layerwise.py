@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_ao.units import decoder_layers
+from moe_ao.discovery import decoder_layers
 
 
 class _StopForward(Exception):

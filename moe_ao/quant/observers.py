@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_ao.units import Unit
+from moe_ao.unit import Unit
 
 
 def _module_path(param_fqn: str, layer_prefix: str) -> str:
@@ -184,6 +184,32 @@ class LayerObserver:
         key = f"{path}:{'down' if unit.proj == 'down_proj' else 'up'}"
         n = int(self.n[key].sum())
         return self.H[key].sum(0) / max(n, 1), n
+
+    def hessian_or_fallback(self, unit: Unit, min_tokens: int) -> tuple[torch.Tensor | None, str | None, int]:
+        """The unit's mean Hessian, or its rare-expert fallback.
+
+        An expert that saw fewer than ``min_tokens`` tokens (below its in_features, xxᵀ
+        cannot have full rank and GPTQ would overfit the few it saw) gets its bank's
+        pooled Hessian; if even that saw fewer, None (quantize it with RTN).
+
+        Returns:
+            (H or None for RTN, None / "pooled" / "rtn", tokens the unit saw).
+
+        Raises:
+            ValueError: the Hessian is not finite (names the unit).
+        """
+        H, n = self.hessian(unit)
+        fallback = None
+        if n < min_tokens:
+            H, fallback = None, "rtn"
+            if unit.fused:
+                pooled, total = self.pooled_hessian(unit)
+                if total >= min_tokens:
+                    H, fallback = pooled, "pooled"
+        if H is not None and not torch.isfinite(H).all():
+            raise ValueError(f"{unit.name}: its input Hessian has {(~torch.isfinite(H)).sum().item()} NaN/Inf values "
+                             f"(the layer's inputs overflowed or a module before it is not finite)")
+        return H, fallback, n
 
     def router_entropy(self) -> float | None:
         return self.entropy_sum / self.entropy_tokens if self.entropy_tokens else None

@@ -9,7 +9,8 @@ import pytest
 from moe_ao.planner import plan
 from moe_ao.planner.context import AUTO_GROUP_SIZES, bound_params, group_sizes, resolve_base
 from moe_ao.planner.heuristics import frequency
-from moe_ao.units import Unit, units
+from moe_ao.discovery import units
+from moe_ao.unit import Unit
 
 
 def unit(name: str, in_features: int) -> Unit:

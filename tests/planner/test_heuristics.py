@@ -8,7 +8,7 @@ import torch
 import archs
 
 from moe_ao.planner import plan
-from moe_ao.units import unit_weight, units
+from moe_ao.discovery import unit_weight, units
 
 GS = "auto"
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from moe_ao.planner import measure_sensitivities, plan
 from moe_ao.planner.optimizer import solve, solve_dp, solve_greedy, solve_lagrangian
-from moe_ao.units import units
+from moe_ao.discovery import units
 
 BITS = (2, 3, 4, 8)
 
@@ -90,7 +90,7 @@ def test_knapsack_plan_respects_budget_and_is_optimal_against_heuristics(model, 
     assert d["fallback_units"] == 0 and d["optimized_units"] == 32
     # the heuristic plan is feasible at its own budget, so its proxy loss cannot be lower
     from moe_ao.planner.scorers import sensitivity_table
-    from moe_ao.units import unit_weight
+    from moe_ao.discovery import unit_weight
 
     table, _ = sensitivity_table({u.name: unit_weight(m, u) for u in us}, us, prof, {u.name: 64 for u in us})
     assert d["objective"] == pytest.approx(sum(table[n][ks[n].bits] for n in table))

@@ -8,7 +8,7 @@ import torch
 from moe_ao.planner.scorers import outlier_score, rtn_error, sensitivity_table, token_share, weighted_error
 from moe_ao.profile_stats import Profile
 from moe_ao.quant.primitives import rtn_quantize
-from moe_ao.units import Unit
+from moe_ao.unit import Unit
 
 
 def reference_outlier(W: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ import pytest
 
 from moe_ao.plans import Plan
 from moe_ao.planner import STRATEGIES, parse_params, plan, strategy_help, strategy_names
-from moe_ao.units import units
+from moe_ao.discovery import units
 
 GS = "auto"
 FAST_ISP = dict(max_epochs=3, batch_size=32)

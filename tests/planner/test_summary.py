@@ -9,7 +9,7 @@ import pytest
 from moe_ao.plans import Plan
 from moe_ao.planner import heatmap, plan, summarize
 from moe_ao.planner.summary import expert_grid
-from moe_ao.units import units
+from moe_ao.discovery import units
 
 
 def test_summarize_table(model, profile):

@@ -1,4 +1,4 @@
-"""moe_ao.units: logical linears of every supported architecture, in both expert layouts."""
+"""moe_ao.discovery (moe_ao.units): logical linears of every supported architecture, in both expert layouts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import moe_ao
-from moe_ao.units import describe, unit_weight
+from moe_ao.discovery import describe, unit_weight
 
 
 def expected_layout(arch: str, cfg) -> dict:

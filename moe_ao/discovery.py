@@ -17,64 +17,21 @@ too, a ValueError names the module: nothing is skipped silently.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from moe_ao.unit import Unit, layer_index
+
 logger = logging.getLogger(__name__)
 
-KINDS = ("attention", "router", "expert", "shared_expert", "dense_mlp", "embedding", "lm_head")
 # Canonical projection names; Mixtral-v0 style ModuleList experts call them w1/w3/w2.
 PROJ_ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 ROUTER_NAMES = ("gate", "router")
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One logical linear map.
-
-    Attributes:
-        name: logical name, e.g. ``model.layers.3.mlp.experts.5.down_proj``.
-        kind: one of KINDS.
-        layer: decoder layer index, or None outside decoder layers.
-        expert: routed-expert index, or None.
-        proj: projection name (``gate_proj``, ``q_proj``, ``weight`` for routers, ...).
-        shape: (out_features, in_features).
-        param: FQN of the parameter that stores the weight.
-        fused: True when ``param`` is a 3D fused experts tensor.
-        rows: (start, stop) rows of this unit inside the stored 2D weight
-            (for fused tensors: inside ``param[expert]``).
-        segment: index of the row segment inside a fused weight (gate=0, up=1).
-    """
-
-    name: str
-    kind: str
-    layer: int | None
-    expert: int | None
-    proj: str
-    shape: tuple[int, int]
-    param: str
-    fused: bool = False
-    rows: tuple[int, int] | None = None
-    segment: int = 0
-
-    @property
-    def numel(self) -> int:
-        """Number of weights of this unit."""
-        return self.shape[0] * self.shape[1]
-
-
-def layer_index(name: str) -> int | None:
-    """The decoder-layer index in a module name (``model.layers.3.mlp`` -> 3)."""
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
 
 
 def _is_mlp(module: nn.Module) -> bool:
@@ -255,8 +212,7 @@ def units(model: nn.Module) -> list[Unit]:
 
 
 def _graph_units(model: nn.Module, by_name: ValueError) -> list[Unit]:
-    # Imported here: moe_ao.passes (the lowest layer) imports Unit from this module.
-    from moe_ao.passes.moe_structure import find_moe_units
+    from moe_ao.passes.moe_structure import find_moe_units  # loads torch.export machinery: only when needed
 
     logger.info("%s; reading roles from the model's graph instead", by_name)
     try:
