@@ -52,8 +52,12 @@ def main() -> None:
     rows = []
     for d in args.depths:
         cmd = [sys.executable, "-c", CHILD, str(d), str(args.hidden), str(args.n_samples), str(args.seq_len)]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
-    cpu = next((l.split(":")[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l), "?")
+        rows.append(
+            json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        )
+    cpu = next(
+        (l.split(":")[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l), "?"
+    )
     lines = [
         f"Machine: {platform.machine()}, {cpu}, torch {torch.__version__}. Mixtral-shaped random bf16 model, hidden "
         f"{args.hidden}, 8 experts top-2; GPTQ 3-bit experts+attention, {args.n_samples} x {args.seq_len} tokens.",
@@ -62,9 +66,16 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['depth']} | {r['model_mib']:.1f} | {r['base_mib']:.0f} | {r['peak_mib']:.0f} |"
-                     f" {r['peak_mib'] - r['base_mib']:.0f} | {r['seconds']:.1f} |")
-    text = "\n".join(lines) + "\n\nCommand: `python benchmarks/bench_calibration_memory.py " + " ".join(sys.argv[1:]) + "`\n"
+        lines.append(
+            f"| {r['depth']} | {r['model_mib']:.1f} | {r['base_mib']:.0f} | {r['peak_mib']:.0f} |"
+            f" {r['peak_mib'] - r['base_mib']:.0f} | {r['seconds']:.1f} |"
+        )
+    text = (
+        "\n".join(lines)
+        + "\n\nCommand: `python benchmarks/bench_calibration_memory.py "
+        + " ".join(sys.argv[1:])
+        + "`\n"
+    )
     Path(args.out).write_text(text)
     print(text)
 

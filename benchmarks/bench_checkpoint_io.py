@@ -29,6 +29,7 @@ from moe_ao.checkpoint import file_digest
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine  # noqa: E402
 
+
 def build(layers: int) -> torch.nn.Module:
     cfg = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=16,
                       num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,

@@ -41,7 +41,7 @@ from torch import nn
 import moe_ao
 from moe_ao import experts as experts_impl
 from moe_ao.kernels.cpu_packed import packed_linear
-from moe_ao.quant.primitives import QuantizedWeight
+from moe_ao.primitives import QuantizedWeight
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.tensors.packing import packed_size
 
@@ -82,7 +82,7 @@ def time_round_robin(variants: dict[str, Variant], reps: int, warmup: int, time_
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup + reps):
         for name, (fn, _) in variants.items():
-            dt = time_one(lambda: fn(i))
+            dt = time_one(lambda fn=fn, i=i: fn(i))
             if i >= warmup:
                 times[name].append(dt)
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}

@@ -39,8 +39,9 @@ from transformers import CompileConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import moe_ao  # noqa: E402
 from _common import machine  # noqa: E402
+
+import moe_ao  # noqa: E402
 from moe_ao import models  # noqa: E402
 
 PROMPT = "The history of the"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import moe_ao  # noqa: E402
 from _common import Bench, machine, peak_rss_mib  # noqa: E402
+
+import moe_ao  # noqa: E402
 
 
 def run_cell(bench: Bench, method: str, bits: int, act_order: bool) -> dict:
@@ -36,9 +37,18 @@ def run_cell(bench: Bench, method: str, bits: int, act_order: bool) -> dict:
     moe_ao.quantize_(model, plan, method=method, **kwargs)
     seconds = time.perf_counter() - t
     fallbacks = len(moe_ao.quantization_report(model).extra.get("fallbacks", {}))
-    return {"model": model_name, "method": method + ("" if method == "rtn" else (" act-order" if act_order else " natural order")), "expert_bits": bits,
-            "avg_bits": plan.avg_bits(units), "true_bits": plan.true_avg_bits(units), "seconds": seconds,
-            "peak_rss_mib": peak_rss_mib(), "rss_at_start_mib": rss0, "fallbacks": fallbacks, **bench.judge(model)}
+    return {
+        "model": model_name,
+        "method": method + ("" if method == "rtn" else (" act-order" if act_order else " natural order")),
+        "expert_bits": bits,
+        "avg_bits": plan.avg_bits(units),
+        "true_bits": plan.true_avg_bits(units),
+        "seconds": seconds,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_at_start_mib": rss0,
+        "fallbacks": fallbacks,
+        **bench.judge(model),
+    }
 
 
 def main() -> None:
@@ -68,14 +78,23 @@ def main() -> None:
                 else:
                     rows.append(run_cell(bench, method, bits, ao == "1"))
                 print({k: rows[-1][k] for k in ("model", "method", "expert_bits", "kl", "seconds")}, flush=True)
-    lines = [f"Machine: {machine()}", "",
-             "| model | expert bits | method | avg bits (paper) | true bits | KL | vs RTN | top-1 | ppl (bf16 ref) | s | peak RSS MiB | fallbacks |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        "| model | expert bits | method | avg bits (paper) | true bits | KL | vs RTN | top-1 | ppl (bf16 ref) | s | peak RSS MiB | fallbacks |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        rtn = next(x for x in rows if x["model"] == r["model"] and x["expert_bits"] == r["expert_bits"] and x["method"] == "rtn")
-        lines.append(f"| {r['model']} | {r['expert_bits']} | {r['method']} | {r['avg_bits']:.2f} | {r['true_bits']:.2f} |"
-                     f" {r['kl']:.4f} | {r['kl'] / rtn['kl']:.2f}x | {r['top1']:.3f} | {r['ppl']:.2f} ({r['ref_ppl']:.2f}) |"
-                     f" {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['fallbacks']} |")
+        rtn = next(
+            x
+            for x in rows
+            if x["model"] == r["model"] and x["expert_bits"] == r["expert_bits"] and x["method"] == "rtn"
+        )
+        lines.append(
+            f"| {r['model']} | {r['expert_bits']} | {r['method']} | {r['avg_bits']:.2f} | {r['true_bits']:.2f} |"
+            f" {r['kl']:.4f} | {r['kl'] / rtn['kl']:.2f}x | {r['top1']:.3f} | {r['ppl']:.2f} ({r['ref_ppl']:.2f}) |"
+            f" {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['fallbacks']} |"
+        )
     text = "\n".join(lines) + f"\n\nCommand: `python benchmarks/bench_gptq_vs_rtn.py {' '.join(sys.argv[1:])}`\n"
     Path(args.out + ".md").write_text(text)
     Path(args.out + ".json").write_text(json.dumps(rows, indent=1))

@@ -44,11 +44,22 @@ def main() -> None:
             compiled = torch.compile(model, fullgraph=True)(ids).logits.float()
         diff = (eager - compiled).abs().max().item()
         expert = after.rows["expert"]
-        lines += [f"## {name}: plan {plan.avg_bits(units):.3f} avg bits (paper), {plan.true_avg_bits(units):.3f} true", "",
-                  "Before:", "", str(before), "", "After:", "", str(after), "",
-                  f"- routed experts: {expert.bits_per_weight:.3f} bits/weight, {16 / expert.bits_per_weight:.2f}x smaller than bf16",
-                  f"- whole model: {before.total_bytes / after.total_bytes:.2f}x smaller",
-                  f"- max |eager - compiled| logits: {diff:.3g} (logit scale {eager.abs().max().item():.1f})", ""]
+        lines += [
+            f"## {name}: plan {plan.avg_bits(units):.3f} avg bits (paper), {plan.true_avg_bits(units):.3f} true",
+            "",
+            "Before:",
+            "",
+            str(before),
+            "",
+            "After:",
+            "",
+            str(after),
+            "",
+            f"- routed experts: {expert.bits_per_weight:.3f} bits/weight, {16 / expert.bits_per_weight:.2f}x smaller than bf16",
+            f"- whole model: {before.total_bytes / after.total_bytes:.2f}x smaller",
+            f"- max |eager - compiled| logits: {diff:.3g} (logit scale {eager.abs().max().item():.1f})",
+            "",
+        ]
     text = "\n".join(lines) + "\nCommand: `python benchmarks/bench_memory.py`\n"
     Path(args.out).write_text(text)
     print(text)

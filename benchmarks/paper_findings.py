@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+
 def fmt(e: dict[str, Any], k: str, digits: int, scale: float = 1.0) -> str:
     if k not in e:
         return "—"

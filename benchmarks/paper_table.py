@@ -44,9 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import moe_ao  # noqa: E402
 from _common import machine  # noqa: E402
 from paper_findings import findings_md, fmt  # noqa: E402
+
+import moe_ao  # noqa: E402
 from moe_ao import models  # noqa: E402
 from moe_ao.calibration import load_calibration, load_eval_tokens  # noqa: E402
 from moe_ao.eval.metrics import compare, eval_windows, logprobs  # noqa: E402
@@ -307,7 +308,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         groups.setdefault((r["experiment"], r["id"]), []).append(r)
     out = []
-    for (exp, id_), rs in groups.items():
+    for rs in groups.values():
         first = rs[0]
         entry = {k: first[k] for k in ("model", "experiment", "id", "label", "strategy", "params", "budget", "random")}
         entry["seeds"] = [r["seed"] for r in rs]

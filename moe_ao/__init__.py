@@ -9,7 +9,7 @@ Typical use::
     moe_ao.save_quantized(model, "out/")
 """
 
-from moe_ao import calibration, planner, profiling  # noqa: F401  (submodules the README uses as moe_ao.<name>)
+from moe_ao import calibration, models, planner, profiling  # noqa: F401  (submodules the README uses)
 from moe_ao.api import MoEPlanConfig, QuantizationReport, quantization_report, quantize_, quantized_plan, whole_model
 from moe_ao.checkpoint import load_quantized, save_quantized
 from moe_ao.discovery import units

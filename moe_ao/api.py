@@ -22,12 +22,12 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from moe_ao import experts as experts_impl
+from moe_ao.discovery import unit_weight, units
 from moe_ao.plans import Plan, QuantSpec
+from moe_ao.primitives import QuantizedWeight, check_finite, rtn_quantize, scale_dtype_for
 from moe_ao.quant.assemble import pack_param, record_units, units_by_param
 from moe_ao.quant.configs import GPTQConfig, Method, QuantizerConfig, RTNConfig, make_config
-from moe_ao.quant.primitives import QuantizedWeight, check_finite, rtn_quantize, scale_dtype_for
 from moe_ao.tensors.packed import PackedWeight
-from moe_ao.discovery import unit_weight, units
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)

@@ -75,7 +75,9 @@ def _check_tokenizer(tokenizer: Any, model_config: Any | None) -> None:
         return
     vocab = getattr(model_config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; wrong tokenizer?")
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; wrong tokenizer?"
+        )
 
 
 def load_calibration(
@@ -128,5 +130,7 @@ def load_calibration(
 
 def load_eval_tokens(tokenizer: Any, source: str = "wikitext2-test", max_tokens: int | None = None) -> torch.Tensor:
     """The held-out evaluation text as one token stream (int64 [N])."""
-    ids = torch.tensor(tokenizer(resolve_text(source, allow_eval=True), add_special_tokens=False, verbose=False)["input_ids"])
+    ids = torch.tensor(
+        tokenizer(resolve_text(source, allow_eval=True), add_special_tokens=False, verbose=False)["input_ids"]
+    )
     return ids if max_tokens is None else ids[:max_tokens]

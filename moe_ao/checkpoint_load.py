@@ -21,12 +21,20 @@ from torch import nn
 
 from moe_ao import experts as experts_impl
 from moe_ao.api import PLAN_ATTR, REPORT_ATTR, QuantizationReport, swap_in
-from moe_ao.checkpoint import (FORMAT, META_FILE, READABLE_VERSIONS, SEP, SINGLE_FILE, CheckpointError, file_digest,
-                               meta_digest)
+from moe_ao.checkpoint import (
+    FORMAT,
+    META_FILE,
+    READABLE_VERSIONS,
+    SEP,
+    SINGLE_FILE,
+    CheckpointError,
+    file_digest,
+    meta_digest,
+)
+from moe_ao.discovery import units
 from moe_ao.plans import Plan
 from moe_ao.tensors.layout import FLOAT_DTYPES, expected_buffers, packed_from_parts
 from moe_ao.tensors.packed import PackedWeight
-from moe_ao.discovery import units
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
@@ -72,7 +80,9 @@ def _check_types(path: Path, meta: dict[str, Any]) -> None:
         raise CheckpointError(f"{where}: 'report' must be an object or null")
     for name, entry in meta.get("files", {}).items():
         _safe_name(path, name)
-        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        ):
             raise CheckpointError(f"{where}: manifest entry {name!r} must be {{'bytes': int, 'sha256': str}}")
     for name in meta.get("weights", []):
         if _safe_name(path, name) not in meta["files"]:
@@ -96,12 +106,20 @@ def read_meta(path: Path, verify: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"{meta_file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS or isinstance(meta.get("version"), bool):
-        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')!r} not supported;"
-                              f" allowed: {FORMAT!r} v{', v'.join(map(str, READABLE_VERSIONS))}")
+    if (
+        meta.get("format") != FORMAT
+        or meta.get("version") not in READABLE_VERSIONS
+        or isinstance(meta.get("version"), bool)
+    ):
+        raise CheckpointError(
+            f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')!r} not supported;"
+            f" allowed: {FORMAT!r} v{', v'.join(map(str, READABLE_VERSIONS))}"
+        )
     if meta["version"] >= 2 and verify and meta.get("sha256") != meta_digest(meta):
-        raise CheckpointError(f"{meta_file}: its content does not match its sha256: edited or corrupted after the save "
-                              f"(load with verify=False to skip this check at your own risk)")
+        raise CheckpointError(
+            f"{meta_file}: its content does not match its sha256: edited or corrupted after the save "
+            f"(load with verify=False to skip this check at your own risk)"
+        )
     _check_types(path, meta)
     if meta["version"] == 1:
         logger.warning("%s: a format-1 checkpoint has no file digests; only its structure is checked", path)
@@ -115,8 +133,9 @@ def check_files(path: Path, meta: dict[str, Any], verify: bool) -> None:
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (listed in {META_FILE})")
         if f.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {META_FILE} says {entry['bytes']}: truncated "
-                                  f"or replaced")
+            raise CheckpointError(
+                f"{f}: {f.stat().st_size} bytes, {META_FILE} says {entry['bytes']}: truncated or replaced"
+            )
         if verify and file_digest(f) != entry["sha256"]:
             raise CheckpointError(f"{f}: content does not match its sha256 in {META_FILE}: corrupted or modified")
 
@@ -139,8 +158,9 @@ def read_headers(path: Path, weights: list[str]) -> dict[str, tuple[str, tuple[i
     return out
 
 
-def check_headers(path: Path, meta: dict[str, Any], model: nn.Module,
-                  headers: Mapping[str, tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+def check_headers(
+    path: Path, meta: dict[str, Any], model: nn.Module, headers: Mapping[str, tuple[str, tuple[int, ...], torch.dtype]]
+) -> None:
     """The stored tensors are exactly the model's (packed ones as their parts), shapes and dtypes included."""
     state = model.state_dict()
     packed, tied = meta["packed"], meta["tied"]
@@ -155,15 +175,18 @@ def check_headers(path: Path, meta: dict[str, Any], model: nn.Module,
             except ValueError as e:
                 raise CheckpointError(f"{path / META_FILE}: packed tensor {name}: {e}") from None
             if list(info["logical_shape"]) != list(t.shape):
-                raise CheckpointError(f"{path / META_FILE}: packed tensor {name} has logical_shape "
-                                      f"{info.get('logical_shape')}, the model's is {tuple(t.shape)}")
+                raise CheckpointError(
+                    f"{path / META_FILE}: packed tensor {name} has logical_shape "
+                    f"{info.get('logical_shape')}, the model's is {tuple(t.shape)}"
+                )
             want |= {f"{name}{SEP}{n}": None for n in info["inner"]}  # checked against their attributes later
         else:
             recorded = meta.get("tensors", {}).get(name)  # format 2 records every plain tensor's dtype
             dtype = (FLOAT_DTYPES | _NAMED)[recorded["dtype"]] if recorded else None
             if recorded is not None and list(t.shape) != recorded["shape"]:
-                raise CheckpointError(f"{path / META_FILE}: tensor {name} is recorded as {recorded}, the model's is "
-                                      f"{tuple(t.shape)}")
+                raise CheckpointError(
+                    f"{path / META_FILE}: tensor {name} is recorded as {recorded}, the model's is {tuple(t.shape)}"
+                )
             want[name] = (tuple(t.shape), dtype)
     unknown = sorted(set(packed) - set(state)) + sorted(set(tied) - set(state))
     if unknown:
@@ -174,8 +197,10 @@ def check_headers(path: Path, meta: dict[str, Any], model: nn.Module,
     for key, expected in want.items():
         file, shape, dtype = headers[key]
         if expected is not None and (shape != expected[0] or expected[1] not in (None, dtype)):
-            raise CheckpointError(f"{path / file}: tensor {key} is {dtype} {shape}, expected "
-                                  f"{expected[1] or 'a tensor of shape'} {expected[0]}")
+            raise CheckpointError(
+                f"{path / file}: tensor {key} is {dtype} {shape}, expected "
+                f"{expected[1] or 'a tensor of shape'} {expected[0]}"
+            )
 
 
 def _slice_of(u: Unit, w: PackedWeight) -> int:
@@ -195,8 +220,9 @@ def check_plan(path: Path, plan: Plan, model_units: list[Unit], packed: Mapping[
         have = w.slice_bits[_slice_of(u, w)] if w is not None else 16
         if have != want or (want < 16 and (w.group_size, w.symmetric) != (spec.group_size, spec.symmetric)):
             stored = f"{have} bits" + (f", group {w.group_size}, symmetric={w.symmetric}" if have < 16 else "")
-            raise CheckpointError(f"{path / 'plan.json'}: unit {u.name} is planned as {spec or '16 bits'} but stored "
-                                  f"as {stored}")
+            raise CheckpointError(
+                f"{path / 'plan.json'}: unit {u.name} is planned as {spec or '16 bits'} but stored as {stored}"
+            )
 
 
 def _build_skeleton(path: Path) -> nn.Module:
@@ -228,8 +254,10 @@ def _check_ties(path: Path, model: nn.Module, tied: Mapping[str, str]) -> None:
     state = model.state_dict(keep_vars=True)
     for name, source in tied.items():
         if source not in state or state[name] is not state[source]:
-            raise CheckpointError(f"{path / META_FILE}: tensor {name} is recorded as tied to {source}, but the "
-                                  f"model does not tie them (its weight would be left uninitialised)")
+            raise CheckpointError(
+                f"{path / META_FILE}: tensor {name} is recorded as tied to {source}, but the "
+                f"model does not tie them (its weight would be left uninitialised)"
+            )
 
 
 def load_checkpoint(path: Path, device: str | torch.device, verify: bool) -> nn.Module:

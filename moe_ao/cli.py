@@ -107,11 +107,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
           f" ({r['true_avg_bits']:.2f} true, scales included), {r['method']}")
     print(f"memory   {r['bytes_before'] / 2**20:8.2f} MiB -> {r['bytes_after'] / 2**20:.2f} MiB "
           f"({r['bytes_before'] / r['bytes_after']:.2f}x smaller)")
-    print(f"held-out KL {r['kl']:.4f}  top-1 agreement {r['top1']:.3f}  perplexity {r['ref_ppl']:.2f} -> {r['ppl']:.2f}")
+    print(
+        f"held-out KL {r['kl']:.4f}  top-1 agreement {r['top1']:.3f}  perplexity {r['ref_ppl']:.2f} -> {r['ppl']:.2f}"
+    )
     print(f"decode   {r['tokens_per_s_before']:.1f} -> {r['tokens_per_s_after']:.1f} tokens/s (eager)")
     print(f"reload bit-exact: {r['reload_bit_exact']}   quantization: {r['quantize_seconds']:.1f} s")
-    print(f"before: {r['sample_before']!r}")
-    print(f"after:  {r['sample_after']!r}")
+    print(f"sample, prompt {r['prompt']!r}, greedy (float, then quantized):")
+    for text in (r["sample_before"], r["sample_after"]):
+        print("  | " + text.replace("\n", "\n  | "))
     print(f"report: {cfg.out}/demo_report.md")
 
 
@@ -147,14 +150,29 @@ def _strategy_help() -> str:
 
 
 # Strategies that read calibration statistics (profile); the rest need only weights.
-DATA_STRATEGIES = ("frequency", "frequency-global", "layerisp", "block-predictor", "combination", "knapsack", "optimizer")
+DATA_STRATEGIES = (
+    "frequency",
+    "frequency-global",
+    "layerisp",
+    "block-predictor",
+    "combination",
+    "knapsack",
+    "optimizer",
+)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
     from moe_ao import models
     from moe_ao.calibration import load_calibration
-    from moe_ao.planner import (PLANNED_KINDS, get_strategy, heatmap, measure_sensitivities, parse_params, plan,
-                                summarize)
+    from moe_ao.planner import (
+        PLANNED_KINDS,
+        get_strategy,
+        heatmap,
+        measure_sensitivities,
+        parse_params,
+        plan,
+        summarize,
+    )
     from moe_ao.profile_stats import Profile
     from moe_ao.profiling import profile
 
@@ -171,8 +189,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, args.seed, model.config)
         stats = profile(model, calib, hessians=spec.optimizer and sensitivity == "hessian", seed=args.seed)
         if spec.optimizer and sensitivity == "kl" and "sensitivities" not in params:
-            measure_sensitivities(model, calib, stats, group_size=group, kinds=params.get("kinds") or PLANNED_KINDS,
-                                  kl_windows=args.kl_windows)
+            measure_sensitivities(
+                model,
+                calib,
+                stats,
+                group_size=group,
+                kinds=params.get("kinds") or PLANNED_KINDS,
+                kl_windows=args.kl_windows,
+            )
     if spec.optimizer and sensitivity and "sensitivities" not in params:
         params.setdefault("sensitivity", sensitivity)
     p = plan(model, args.strategy, budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group, **params)
@@ -203,19 +227,31 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     plan = Plan.from_json(args.plan)
     kwargs = {}
     if args.method == "gptq":
-        kwargs = {"calibration": load_calibration(args.calibration, tok, args.n_samples, args.seq_len,
-                                                  model_config=model.config), "act_order": args.act_order}
+        kwargs = {
+            "calibration": load_calibration(
+                args.calibration, tok, args.n_samples, args.seq_len, model_config=model.config
+            ),
+            "act_order": args.act_order,
+        }
     quantize_(model, plan, method=args.method, **kwargs)
     print(save_quantized(model, args.output, tokenizer=tok, overwrite=args.overwrite))
 
 
-COMMANDS = {"demo": _cmd_demo, "units": _cmd_units, "profile": _cmd_profile, "plan": _cmd_plan,
-            "quantize": _cmd_quantize}
+COMMANDS = {
+    "demo": _cmd_demo,
+    "units": _cmd_units,
+    "profile": _cmd_profile,
+    "plan": _cmd_plan,
+    "quantize": _cmd_quantize,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("moe_ao.progress").setLevel(logging.INFO)  # a line per stage when stderr is not a terminal
     try:
         COMMANDS[args.cmd](args)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -130,7 +130,7 @@ def _moe_block_units(prefix: str, block: nn.Module, layer: int | None) -> list[U
                     if not _is_mlp(mlp):
                         raise ValueError(f"{path}.{e}: expert module {type(mlp).__name__} not understood")
                     units += _mlp_units(f"{path}.{e}", mlp, "expert", layer, e)
-            elif hasattr(child, "down_proj") and getattr(child, "down_proj").ndim == 3:
+            elif hasattr(child, "down_proj") and child.down_proj.ndim == 3:
                 units += _fused_expert_units(path, child, layer)
             else:
                 raise ValueError(f"{path}: experts module {type(child).__name__} not understood")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from moe_ao.calibration import check_token_ids
+from moe_ao.discovery import decoder_layers, units
 from moe_ao.profile_stats import Profile
+from moe_ao.progress import progress as show_progress
 from moe_ao.quant.layerwise import capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.discovery import decoder_layers, units
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def profile(
                                                           "seq_len": calibration.shape[1], "seed": seed})
     gen = torch.Generator().manual_seed(seed)
     inputs = capture_inputs(model, calibration, batch_size)
-    for i in tqdm(range(len(layers)), desc="profile layers", disable=not progress):
+    for i in show_progress(range(len(layers)), "profile layers", progress):
         layer_units = [u for u in all_units if u.layer == i]
         wanted = {u.name for u in layer_units if u.kind != "router"} if hessians else set()
         with LayerObserver(f"{prefix}.{i}", layers[i], layer_units, wanted) as obs:

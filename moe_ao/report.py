@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from moe_ao.discovery import units
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.tensors.packing import packed_size
-from moe_ao.discovery import units
 from moe_ao.unit import Unit
 
 ORIGINAL_BYTES_PER_WEIGHT = 2  # reference: the bf16/fp16 checkpoint

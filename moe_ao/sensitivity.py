@@ -41,17 +41,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moe_ao.calibration import check_token_ids
 from moe_ao.discovery import decoder_layers, unit_weight
 from moe_ao.discovery import units as model_units
 from moe_ao.plans import QuantSpec
+from moe_ao.primitives import check_finite, scale_dtype_for
+from moe_ao.progress import Progress
 from moe_ao.quant.batched import quantize_units
 from moe_ao.quant.configs import Method
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.quant.primitives import check_finite, scale_dtype_for
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def _swapped(layer: nn.Module, u: Unit, prefix: str, W: torch.Tensor) -> Iterato
 
 def _layer_kls(work: Sequence[nn.Module], i: int, lp: str, units: list[Unit], layer_units: list[Unit],
                inputs: LayerInputs, hess_inputs: LayerInputs | None, ref: _Reference, quant: _Quantize,
-               table: dict[str, dict[int, float]], bar: tqdm) -> dict[str, str]:
+               table: dict[str, dict[int, float]], bar: Progress) -> dict[str, str]:
     """Fills ``table`` with the KL of each of layer i's ``units`` quantized alone at each width
     (GPTQ from the Hessians of ``hess_inputs``, or RTN without them), the layer's other
     weights and all other layers left float. Returns the units whose GPTQ fell back."""
@@ -319,7 +319,7 @@ def kl_sensitivities(
             layer_units[u.layer].append(u)
     table: dict[str, dict[int, float]] = {}
     fallbacks: dict[str, str] = {}
-    bar = tqdm(total=len(units) * len(bits), desc="KL sensitivities", disable=not progress)
+    bar = Progress(len(units) * len(bits), "KL sensitivities", progress)
     quant = _Quantize(tuple(bits), group_sizes, symmetric, scale_dtype)
     for i, layer in enumerate(work):
         if todo.get(i):

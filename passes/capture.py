@@ -5,10 +5,11 @@ Why a traceable experts implementation: transformers 5 fused experts run, by def
 the batch (``one_hot(...).sum().nonzero()``, then ``torch.where`` per expert). That loop
 is data dependent: ``torch.export`` fails on it (``GuardOnDataDependentSymNode`` on
 the ``nonzero`` count), and a tracer that followed it would record only the experts
-this one example hit, as per-expert slices rather than the bank. Under an implementation that touches the bank only through indexing by the
-top-k ids (transformers' ``batched_mm``: ``bank[ids]`` + ``bmm``; moe_ao's: the same
-for decode, ``grouped_mm`` over sorted tokens for prefill) the graph is static and
-every routed weight is visibly selected by the router's top-k. The implementation is
+this one example hit, as per-expert slices rather than the bank. Under an implementation
+that touches the bank only through indexing by the top-k ids (transformers'
+``batched_mm``: ``bank[ids]`` + ``bmm``; moe_ao's: the same for decode, ``grouped_mm``
+over sorted tokens for prefill) the graph is static and every routed weight is visibly
+selected by the router's top-k. The implementation is
 switched on the live model inside a ``with`` and restored after: no copy of the weights.
 The default is transformers' ``batched_mm``, so this lowest layer needs nothing from
 ``moe_ao.experts`` (which sits on the tensors layer); callers that have registered

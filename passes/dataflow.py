@@ -25,6 +25,7 @@ from __future__ import annotations
 import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch.fx import Graph, Node
@@ -130,6 +131,13 @@ def val_shape(node: Node) -> tuple[int, ...] | None:
     return None
 
 
+class Reach(NamedTuple):
+    """What a walk from a node reached: the nodes it crossed and those it stopped at."""
+
+    seen: set[Node]
+    ends: list[Node]
+
+
 class Flow:
     """Forward/backward adjacency of a graph, with in-place writes turned into edges.
 
@@ -189,11 +197,12 @@ class Flow:
                     const.add(n)
         return const
 
-    def future(self, start: Node, stop: Callable[[Node], bool] = is_compute) -> tuple[set[Node], list[Node]]:
+    def future(self, start: Node, stop: Callable[[Node], bool] = is_compute) -> Reach:
         """Nodes reached forward from ``start`` without crossing ``stop`` nodes.
 
         Returns:
-            (the pointwise nodes walked, the stop nodes and ``output`` reached, in graph order).
+            The pointwise nodes walked (``seen``) and the stop nodes and ``output``
+            reached (``ends``, in graph order).
         """
         seen: set[Node] = set()
         ends: set[Node] = set()
@@ -207,9 +216,9 @@ class Flow:
                 continue
             seen.add(n)
             todo.extend(self.users(n))
-        return seen, sorted(ends, key=self.order.__getitem__)
+        return Reach(seen, sorted(ends, key=self.order.__getitem__))
 
-    def past(self, start: Node, stop: Callable[[Node], bool] = is_compute) -> tuple[set[Node], list[Node]]:
+    def past(self, start: Node, stop: Callable[[Node], bool] = is_compute) -> Reach:
         """Backward counterpart of :meth:`future`; placeholders also end the walk."""
         seen: set[Node] = set()
         ends: set[Node] = set()
@@ -223,7 +232,7 @@ class Flow:
                 continue
             seen.add(n)
             todo.extend(self.inputs(n))
-        return seen, sorted(ends, key=self.order.__getitem__)
+        return Reach(seen, sorted(ends, key=self.order.__getitem__))
 
     def signals(self, seed: Node) -> set[Node]:
         """Nodes computed only from ``seed`` (router logits) and consts, in one forward sweep."""
@@ -235,6 +244,20 @@ class Flow:
             if any(i in sig for i in ins) and all(i in sig or i in self.const for i in ins):
                 sig.add(n)
         return sig
+
+
+def router_signals(flow: Flow, matmul: Node, routing_ops: set[str]) -> set[Node] | None:
+    """The routing signals of ``matmul`` if it is a router, else None.
+
+    A router's output, through ops that see nothing but its logits and constants
+    (:meth:`Flow.signals`), reaches both a probability op (softmax/sigmoid) and a
+    routing op (``topk``). The one definition the graph pass and the Inductor counter share.
+    """
+    if not any(op_name(n) in routing_ops for n in flow.future(matmul).seen):
+        return None  # cheap test first: most matmuls never reach a top-k
+    sig = flow.signals(matmul)
+    names = {op_name(n) for n in sig}
+    return sig if names & routing_ops and names & PROBABILITY_OPS else None
 
 
 def is_join(flow: Flow, node: Node) -> bool:
@@ -258,7 +281,7 @@ def gathered_by(flow: Flow, value: Node, sig: set[Node]) -> bool:
 
 def combined_with(flow: Flow, start: Node, sig: set[Node]) -> Node | None:
     """The first signal that weights or places ``start``'s output before it joins another branch."""
-    seen, _ = flow.future(start, stop=lambda n: is_join(flow, n))
+    seen = flow.future(start, stop=lambda n: is_join(flow, n)).seen
     for n in sorted(seen, key=flow.order.__getitem__):
         if op_name(n) in COMBINES:
             hits = [i for i in flow.inputs(n) if i in sig]
@@ -276,7 +299,7 @@ def root(node: Node) -> Node:
 
 def passes_activation(flow: Flow, start: Node) -> bool:
     """True when a nonlinearity lies between ``start`` and the next compute op."""
-    seen, _ = flow.future(start)
+    seen = flow.future(start).seen
     return any(op_name(n) in ACTIVATIONS for n in seen)
 
 

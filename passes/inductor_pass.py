@@ -34,7 +34,13 @@ from torch.fx import Graph, Node
 
 from moe_ao.passes import dataflow
 from moe_ao.passes.dataflow import (
-    ATTENTION_OPS, PROBABILITY_OPS, Flow, combined_with, gathered_by, is_compute, op_name,
+    ATTENTION_OPS,
+    Flow,
+    combined_with,
+    gathered_by,
+    is_compute,
+    op_name,
+    router_signals,
 )
 
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_grouped_mm", "einsum"}
@@ -53,11 +59,8 @@ def moe_node_counts(graph: Graph, routing_ops: tuple[str, ...] = ("topk",), atte
     signals: set[Node] = set()
     routers = set()
     for m in filter(_is_matmul, flow.nodes):
-        if not any(op_name(n) in routing for n in flow.future(m)[0]):
-            continue
-        sig = flow.signals(m)
-        names = {op_name(n) for n in sig}
-        if names & routing and names & PROBABILITY_OPS:
+        sig = router_signals(flow, m, routing)
+        if sig is not None:
             routers.add(m)
             signals |= sig
     counts["routers"] = len(routers)

@@ -40,10 +40,10 @@ def find_chains(flow: Flow, uses: list[WeightUse], weight_nodes: set[Node],
     claimed: set[Node] = set()
     chains = []
     for d in uses:
-        sources = {e for a in d.activations(flow, weight_nodes) for e in flow.past(a)[1]}
+        sources = {e for a in d.activations(flow, weight_nodes) for e in flow.past(a).ends}
         inner = [by_node[e] for e in sorted(sources, key=flow.order.__getitem__)
                  if e in by_node and e not in claimed
-                 and flow.future(e, stop=lambda n: is_join(flow, n))[1] == [d.node]]
+                 and flow.future(e, stop=lambda n: is_join(flow, n)).ends == [d.node]]
         if inner:
             chains.append(Chain(_roles(flow, inner, describe) + [(d, "down_proj")]))
             claimed.update([d.node, *(u.node for u in inner)])
@@ -87,4 +87,6 @@ def gate_up_rows(flow: Flow, use: WeightUse) -> list[tuple[str, int, int]] | Non
     act = [passes_activation(flow, p[2]) for p in parts]
     if act.count(True) != 1:
         return None
-    return [("gate_proj" if a else "up_proj", r0, r1) for (r0, r1, _), a in sorted(zip(parts, act), key=lambda pa: pa[0][0])]
+    return [
+        ("gate_proj" if a else "up_proj", r0, r1) for (r0, r1, _), a in sorted(zip(parts, act), key=lambda pa: pa[0][0])
+    ]

@@ -28,6 +28,7 @@ case "${1:-}" in
   test)
     install "test,eval,plot"
     shift
+    bash scripts/lint.sh  # ruff, and the layer contract of README's architecture
     exec python -m pytest tests -q "$@"
     ;;
   *)

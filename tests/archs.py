@@ -142,7 +142,7 @@ def build(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Mo
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(configs()[arch], dtype=dtype)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0, 0.1)
     return model.eval()

@@ -1,6 +1,6 @@
 """Shared test helpers: ``tests/`` on sys.path (for ``import archs``) and the float64 RTN reference.
 
-The reference is written here, independently of ``moe_ao.quant.primitives``, from the
+The reference is written here, independently of ``moe_ao.primitives``, from the
 scheme its docstring defines: W ≈ (q - z) * s per (row, group of columns), scales rounded
 to their storage dtype before codes are chosen; symmetric: z = 2**(bits-1),
 s = 2 max|W| / (2**bits - 1); asymmetric: the range [min(W, 0), max(W, 0)] over
@@ -79,7 +79,10 @@ def reference_rtn(
     if guide is not None:
         g = guide.to(torch.float64).reshape(codes.shape)
         near_tie = ((v - v.floor()) - 0.5).abs() < TIE_TOL
-        cands = [(torch.floor(v) + zero.unsqueeze(-1)).clamp(0, maxq), (torch.ceil(v) + zero.unsqueeze(-1)).clamp(0, maxq)]
+        cands = [
+            (torch.floor(v) + zero.unsqueeze(-1)).clamp(0, maxq),
+            (torch.ceil(v) + zero.unsqueeze(-1)).clamp(0, maxq),
+        ]
         follow = near_tie & ((g == cands[0]) | (g == cands[1])) & (g != codes)
         ties = int(follow.sum())
         codes = torch.where(follow, g, codes)

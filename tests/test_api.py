@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 import moe_ao
 from moe_ao import experts as experts_impl
-from moe_ao.plans import Plan
-from moe_ao.quant.primitives import rtn_quantize
-from moe_ao.tensors.packed import PackedWeight
 from moe_ao.discovery import unit_weight
+from moe_ao.plans import Plan
+from moe_ao.primitives import rtn_quantize
+from moe_ao.tensors.packed import PackedWeight
 
 GROUP = 32
 F32_TOL = dict(rtol=1e-5, atol=2e-5)  # float32 compute, different summation orders
@@ -225,7 +225,7 @@ def test_16_bit_and_unplanned_units_untouched(arch):
         assert report.kept[u.name] == "not in plan"
     # Norms and other non-unit parameters are untouched too.
     unit_params = {u.param for u in units}
-    for name, (obj, copy) in before.items():
+    for name, (obj, _) in before.items():
         if name not in unit_params:
             assert dict(chain(model.named_parameters(), model.named_buffers()))[name] is obj
     quantized_units = {n for n in plan if plan[n].quantized}

@@ -26,13 +26,23 @@ from moe_ao.checkpoint import CheckpointError
 from moe_ao.plans import Plan
 
 IDS = torch.arange(12).view(2, 6)
-FUZZ = settings(max_examples=int(os.environ.get("MOE_AO_FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("MOE_AO_FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
-leaves = (st.none() | st.booleans() | st.integers(-2, 2**33) | st.floats(allow_nan=False) | st.text(max_size=8)
-          | st.sampled_from(["bfloat16", "uint8", "int32", "BF16", "U8", "I32", "F32", "slot", "q2", "s2", "d16"]))
-values = st.recursive(leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-                      max_leaves=8)
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 2**33)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["bfloat16", "uint8", "int32", "BF16", "U8", "I32", "F32", "slot", "q2", "s2", "d16"])
+)
+values = st.recursive(
+    leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +81,9 @@ def mutate(draw, data):
         else:
             key = draw(st.integers(0, len(node))) if node else 0
         action = draw(st.sampled_from(["replace", "delete"]))
-        if action == "delete" and (isinstance(node, dict) and key in node or isinstance(node, list) and key < len(node)):
+        if action == "delete" and (
+            isinstance(node, dict) and key in node or isinstance(node, list) and key < len(node)
+        ):
             del node[key]
         elif isinstance(node, dict):
             node[key] = draw(values)

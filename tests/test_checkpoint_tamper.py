@@ -115,22 +115,32 @@ def test_tied_entry_for_a_removed_weight_is_refused(ckpt_dir):
         moe_ao.load_quantized(ckpt_dir)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m["packed"][GATE_UP].update(slice_bits=[4] * len(m["packed"][GATE_UP]["slice_bits"])),
-     r"gate_up_proj: inner tensors .* do not match its attributes \(missing \[\], unexpected \['q2', 's2'\]\)"),
-    (lambda m: m["packed"][GATE_UP].update(slice_bits=m["packed"][GATE_UP]["slice_bits"][::-1]),
-     r"slot table does not match slice_bits"),
-    (lambda m: m["packed"][GATE_UP].update(logical_shape=[4, 64, 64]), r"logical_shape \[4, 64, 64\], the model's is \(4, 128, 64\)"),
-    (lambda m: m["tensors"]["model.norm.weight"].update(shape=[32]), r"model\.norm\.weight is recorded as"),
-    (lambda m: m["packed"][GATE_UP].update(group_size=64), r"s2 is .*its attributes say"),
-    (lambda m: m["packed"][GATE_UP].update(group_size=0), r"group_size=0"),
-    (lambda m: m["packed"][GATE_UP].update(symmetric="false"), r"symmetric='false'"),
-    (lambda m: m["packed"][GATE_UP].update(n_seg=3), r"n_seg=3 does not divide"),
-    (lambda m: m["packed"][GATE_UP].update(dtype="float8"), r"gate_up_proj: dtype='float8'"),
-    (lambda m: m.update(tied=[]), r"'tied' must be a JSON object"),
-    (lambda m: m["files"].update({"../../etc/passwd": {"bytes": 1, "sha256": "0"}}), r"not a plain relative path"),
-    (lambda m: m.update(weights=["other.safetensors"]), r"'other\.safetensors' is not in the manifest"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda m: m["packed"][GATE_UP].update(slice_bits=[4] * len(m["packed"][GATE_UP]["slice_bits"])),
+            r"gate_up_proj: inner tensors .* do not match its attributes \(missing \[\], unexpected \['q2', 's2'\]\)",
+        ),
+        (
+            lambda m: m["packed"][GATE_UP].update(slice_bits=m["packed"][GATE_UP]["slice_bits"][::-1]),
+            r"slot table does not match slice_bits",
+        ),
+        (
+            lambda m: m["packed"][GATE_UP].update(logical_shape=[4, 64, 64]),
+            r"logical_shape \[4, 64, 64\], the model's is \(4, 128, 64\)",
+        ),
+        (lambda m: m["tensors"]["model.norm.weight"].update(shape=[32]), r"model\.norm\.weight is recorded as"),
+        (lambda m: m["packed"][GATE_UP].update(group_size=64), r"s2 is .*its attributes say"),
+        (lambda m: m["packed"][GATE_UP].update(group_size=0), r"group_size=0"),
+        (lambda m: m["packed"][GATE_UP].update(symmetric="false"), r"symmetric='false'"),
+        (lambda m: m["packed"][GATE_UP].update(n_seg=3), r"n_seg=3 does not divide"),
+        (lambda m: m["packed"][GATE_UP].update(dtype="float8"), r"gate_up_proj: dtype='float8'"),
+        (lambda m: m.update(tied=[]), r"'tied' must be a JSON object"),
+        (lambda m: m["files"].update({"../../etc/passwd": {"bytes": 1, "sha256": "0"}}), r"not a plain relative path"),
+        (lambda m: m.update(weights=["other.safetensors"]), r"'other\.safetensors' is not in the manifest"),
+    ],
+)
 def test_edited_packed_metadata_is_refused(ckpt_dir, edit, match):
     edit_meta(ckpt_dir, edit, sign=False)
     with pytest.raises(CheckpointError, match="moe_ao.json: its content does not match its sha256"):
@@ -149,8 +159,11 @@ def test_slot_index_out_of_range_is_refused(ckpt_dir):
 def test_wrong_dtype_or_shape_of_a_plain_tensor_is_refused(ckpt_dir):
     edit_tensors(ckpt_dir, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}))
     resign(ckpt_dir)
-    with pytest.raises(CheckpointError, match=r"model\.norm\.weight is torch\.float32 \(64,\), expected "
-                                              r"torch\.bfloat16 \(64,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.norm\.weight is torch\.float32 \(64,\), expected "
+        r"torch\.bfloat16 \(64,\)",
+    ):
         moe_ao.load_quantized(ckpt_dir)
 
 

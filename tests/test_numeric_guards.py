@@ -10,9 +10,9 @@ import torch
 
 import moe_ao
 from moe_ao import experts as experts_impl
+from moe_ao.discovery import unit_weight
 from moe_ao.plans import Plan
 from moe_ao.quant import assemble
-from moe_ao.discovery import unit_weight
 
 
 def _untouched(model, snap, impl) -> bool:

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_ao.quant.gptq import gptq_quantize
-from moe_ao.quant.primitives import rtn_quantize
-from moe_ao.sensitivity import Head, kl_sensitivities
 from moe_ao.discovery import decoder_layers, unit_weight, units
+from moe_ao.primitives import rtn_quantize
+from moe_ao.quant.gptq import gptq_quantize
+from moe_ao.sensitivity import Head, kl_sensitivities
 
 SEQ = 16
 
@@ -54,7 +54,9 @@ def test_head_gives_the_models_logits(arch):
     ids = _calib(model, 2)
     captured = []
     _, layers = decoder_layers(model)
-    handle = layers[-1].register_forward_hook(lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    handle = layers[-1].register_forward_hook(
+        lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
     want = model(ids, use_cache=False).logits
     handle.remove()
     head = Head(model, torch.float64)

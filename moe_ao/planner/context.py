@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_ao.discovery import unit_weight
 from moe_ao.plans import ALLOWED_BITS
 from moe_ao.profile_stats import Profile
-from moe_ao.discovery import unit_weight
 from moe_ao.unit import KINDS, Unit
 
 PLANNED_KINDS = ("attention", "expert", "shared_expert", "dense_mlp")

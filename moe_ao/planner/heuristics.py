@@ -13,11 +13,12 @@ those low. Layer indices are decoder-layer indices (a dense layer 0 counts).
 
 from __future__ import annotations
 
+from moe_ao.discovery import PROJ_ALIASES
 from moe_ao.planner.budget import Rule, Upgrade, accounting_weights, closest_prefix, prefix_averages
 from moe_ao.planner.context import FFN_KINDS, QUANT_BITS, Context, check_bits
 from moe_ao.planner.predictor import PredictorConfig, block_scores, config_dict
 from moe_ao.planner.scorers import outlier_score
-from moe_ao.discovery import PROJ_ALIASES
+
 
 def _round(x: float) -> float:
     return round(float(x), 6)

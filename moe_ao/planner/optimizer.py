@@ -42,7 +42,6 @@ from moe_ao.planner.scorers import sensitivity_table
 from moe_ao.unit import Unit
 
 
-
 class Sensitivity(Choice):
     """Where the knapsack's per-unit losses come from (see :func:`knapsack`)."""
 
@@ -243,7 +242,8 @@ def _measured_table(ctx: Context, free: list[Unit]) -> tuple[dict[str, dict[int,
     if wrong:
         u = wrong[0]
         raise ValueError(f"{u}: the profile's sensitivities were measured at group_size={sizes[u]}, the plan uses"
-                         f" {ctx.group_sizes[u]} ({len(wrong)} units differ); plan with that group size or measure again")
+                         f" {ctx.group_sizes[u]} ({len(wrong)} units differ); plan with that group size or measure"
+                         f" again")
     info = {"sensitivity": f"kl-{setup.get('quantizer', 'unknown')}", "kl_tokens": setup.get("kl_tokens")}
     return _external_table(stats.sensitivities, [u.name for u in free]), info
 
@@ -305,8 +305,9 @@ def knapsack(
         table, info = _measured_table(ctx, free)
     else:
         W = {u.name: ctx.weight(u) for u in free}
-        table, info = sensitivity_table(W, free, ctx.stats, ctx.group_sizes, options, ctx.symmetric,
-                                        hessian, scale_by_frequency)
+        table, info = sensitivity_table(
+            W, free, ctx.stats, ctx.group_sizes, options, ctx.symmetric, hessian, scale_by_frequency
+        )
         kind = "frobenius" if info["fallback_units"] == len(free) else f"{hessian}-hessian"
         info["sensitivity"] = f"rtn-{kind}" + ("+frequency" if info["frequency_scaled_units"] else "")
     opts = [[b for b in options if b in table[u.name]] for u in free]
@@ -326,6 +327,12 @@ def knapsack(
     costs = [[b * weights[u.name] for b in o] for u, o in zip(free, opts)]
     sol = solve(losses, costs, capacity, method)
     out = dict(ctx.base) | {u.name: o[j] for u, o, j in zip(free, opts, sol.choice)}
-    meta = info | {"method": sol.method, "objective": sol.objective, "dual_bound": sol.dual_bound,
-                   "gap": sol.gap, "optimized_units": len(free), "options": options}
+    meta = info | {
+        "method": sol.method,
+        "objective": sol.objective,
+        "dual_bound": sol.dual_bound,
+        "gap": sol.gap,
+        "optimized_units": len(free),
+        "options": options,
+    }
     return out, meta

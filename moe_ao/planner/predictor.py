@@ -145,7 +145,7 @@ def train_block_predictor(
         model.scale.copy_(x[train].pow(2).mean(0).sqrt().clamp_min(1e-6))
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best, best_state, stale, epochs = _mse(model, x[val], y[val]), None, 0, 0
-    for epochs in range(1, config.max_epochs + 1):
+    for epochs in range(1, config.max_epochs + 1):  # noqa: B007 (read after the loop)
         order = train[torch.randperm(train.numel(), generator=g)]
         for batch in order.split(config.batch_size):
             loss = ((model(x[batch]) - y[batch]) ** 2).mean()

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from moe_ao.planner.context import PLANNED_KINDS, check_bits, group_sizes
-from moe_ao.profile_stats import Profile
-from moe_ao.quant.primitives import rtn_quantize
-from moe_ao.sensitivity import kl_sensitivities
 from moe_ao.discovery import as_units
+from moe_ao.planner.context import PLANNED_KINDS, check_bits, group_sizes
+from moe_ao.primitives import rtn_quantize
+from moe_ao.profile_stats import Profile
+from moe_ao.sensitivity import kl_sensitivities
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)

@@ -19,14 +19,14 @@ from typing import Any
 
 from torch import nn
 
-from moe_ao.plans import Plan, QuantSpec
+from moe_ao.discovery import as_units
 from moe_ao.planner import heuristics as H
 from moe_ao.planner.budget import accounting_weights, apply, fit_budget
 from moe_ao.planner.combine import combination
 from moe_ao.planner.context import Context, bound_params, group_sizes, resolve_base
 from moe_ao.planner.optimizer import knapsack
+from moe_ao.plans import Plan, QuantSpec
 from moe_ao.profile_stats import Profile
-from moe_ao.discovery import as_units
 from moe_ao.unit import Unit
 
 

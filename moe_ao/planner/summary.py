@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from moe_ao.plans import Plan
 from moe_ao.discovery import as_units
+from moe_ao.plans import Plan
 from moe_ao.unit import Unit
 
 COLUMN_KINDS = ("attention", "expert", "shared_expert", "dense_mlp")
@@ -48,7 +48,7 @@ def summarize(plan: Plan, units: nn.Module | Iterable[Unit]) -> str:
             f" (paper accounting), {plan.true_avg_bits(all_units):.3f} with scales")
     cols = ["layer", "attention", "experts (mean)", "shared", "dense MLP"] + [f"{b}-bit units" for b in widths]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    order = sorted((k for k in rows if k != "—")) + (["—"] if "—" in rows else [])
+    order = sorted(k for k in rows if k != "—") + (["—"] if "—" in rows else [])
     for key in order:
         us = rows[key]
         if not any(u.name in plan for u in us):

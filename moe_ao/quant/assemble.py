@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from moe_ao.quant.primitives import QuantizedWeight, dequantize_codes
-from moe_ao.tensors.packed import PackedWeight
 from moe_ao.discovery import unit_weight
+from moe_ao.primitives import QuantizedWeight, dequantize_codes
+from moe_ao.tensors.packed import PackedWeight
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)

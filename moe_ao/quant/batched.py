@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import torch
 
 from moe_ao.plans import QuantSpec
+from moe_ao.primitives import QuantizedWeight, rtn_quantize
 from moe_ao.quant.gptq import gptq_quantize
-from moe_ao.quant.primitives import QuantizedWeight, rtn_quantize
 
 __all__ = ["quantize_units"]
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_ao.quant.primitives import (
+from moe_ao.primitives import (
     SUPPORTED_BITS,
     QuantizedWeight,
     check_finite,

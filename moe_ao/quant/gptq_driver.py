@@ -25,18 +25,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moe_ao.calibration import check_token_ids
+from moe_ao.discovery import decoder_layers, unit_weight
 from moe_ao.plans import Plan
+from moe_ao.primitives import QuantizedWeight, check_finite, check_finite_params, scale_dtype_for
+from moe_ao.progress import progress
 from moe_ao.quant.assemble import pack_param, record_units, units_by_param
 from moe_ao.quant.batched import quantize_units
 from moe_ao.quant.configs import GPTQConfig
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.quant.primitives import QuantizedWeight, check_finite, check_finite_params, scale_dtype_for
 from moe_ao.tensors.packed import PackedWeight
-from moe_ao.discovery import decoder_layers, unit_weight
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def gptq_packed(
     for u in all_units:
         if u.layer is not None:
             all_layer_units[u.layer].append(u)
-    for i in tqdm(range(len(layers)), desc="gptq layers", disable=not config.progress):
+    for i in progress(range(len(layers)), "gptq layers", config.progress):
         results: dict[str, QuantizedWeight] = {}
         prefix = f"{prefix_list}.{i}"
         work = copy.deepcopy(layers[i]).to(compute_dtype)

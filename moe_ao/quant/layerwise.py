@@ -48,7 +48,9 @@ class LayerInputs:
                 return tuple(cast(x) for x in v)
             return v
 
-        return LayerInputs([h.to(dtype) for h in self.hidden], [{k: cast(v) for k, v in kw.items()} for kw in self.kwargs])
+        return LayerInputs(
+            [h.to(dtype) for h in self.hidden], [{k: cast(v) for k, v in kw.items()} for kw in self.kwargs]
+        )
 
     @property
     def tokens(self) -> int:

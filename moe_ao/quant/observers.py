@@ -153,7 +153,9 @@ class LayerObserver:
                 continue
             xe = x[rows]  # [T_e, K]
             n[e] = xe.shape[0]
-            scale = (top_k_weights[rows] * hit[rows]).sum(-1, keepdim=True).float().sqrt() if self.weight_by_routing else None
+            scale = None
+            if self.weight_by_routing:
+                scale = (top_k_weights[rows] * hit[rows]).sum(-1, keepdim=True).float().sqrt()
             xs = xe * scale if scale is not None else xe
             if want_up:
                 H_up[e] = xs.T @ xs
@@ -207,8 +209,10 @@ class LayerObserver:
                 if total >= min_tokens:
                     H, fallback = pooled, "pooled"
         if H is not None and not torch.isfinite(H).all():
-            raise ValueError(f"{unit.name}: its input Hessian has {(~torch.isfinite(H)).sum().item()} NaN/Inf values "
-                             f"(the layer's inputs overflowed or a module before it is not finite)")
+            raise ValueError(
+                f"{unit.name}: its input Hessian has {(~torch.isfinite(H)).sum().item()} NaN/Inf values "
+                f"(the layer's inputs overflowed or a module before it is not finite)"
+            )
         return H, fallback, n
 
     def router_entropy(self) -> float | None:

@@ -33,7 +33,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from moe_ao.kernels import triton_packed
 from moe_ao.kernels.cpu_packed import packed_linear
-from moe_ao.quant.primitives import QuantizedWeight, dequantize_codes
+from moe_ao.primitives import QuantizedWeight, dequantize_codes
 from moe_ao.tensors.packing import pack_codes, unpack_codes
 
 __all__ = ["PackedWeight"]
@@ -229,7 +229,8 @@ def _linear(func, types, args, kwargs):
 @implements(_aten.index.Tensor)
 def _index(func, types, args, kwargs):
     w, indices = args[0], args[1]
-    if len(w.logical_shape) == 3 and len(indices) == 1 and indices[0] is not None and not indices[0].is_floating_point():
+    integer = len(indices) == 1 and indices[0] is not None and not indices[0].is_floating_point()
+    if len(w.logical_shape) == 3 and integer:
         if indices[0].dtype == torch.bool:
             raise NotImplementedError("PackedWeight: boolean-mask indexing (aten.index.Tensor); use .dequantize()")
         return w.dequantize_experts(indices[0])
@@ -259,5 +260,3 @@ def _to_copy(func, types, args, kwargs):
             buffers[name] = t.to(device, dtype=dtype) if t.is_floating_point() else t.to(device)
     new = PackedWeight(w.slot.to(device), w.logical_shape, w.slice_bits, w.n_seg, w.group_size, w.symmetric, **buffers)
     return return_and_correct_aliasing(func, args, kwargs, new)
-
-

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe_ao.quant.primitives import QuantizedWeight
+from moe_ao.primitives import QuantizedWeight
 from moe_ao.tensors.packed import PackedWeight
 
 FP32_TOL = 1e-5

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packed_cases import OpCalls, assert_matches, dequant64, mixed_bank, random_slice
 
 from moe_ao.kernels import cpu_packed
 from moe_ao.kernels._registry import buffers_of
@@ -21,7 +22,6 @@ from moe_ao.kernels.cpu_packed import (
     packed_linear_reference,
 )
 from moe_ao.tensors.packed import PackedWeight
-from packed_cases import OpCalls, assert_matches, dequant64, mixed_bank, random_slice
 
 
 @pytest.fixture(autouse=True)

@@ -17,13 +17,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from packed_cases import OUT_ULP, dequant64, mixed_bank, random_slice  # noqa: E402
+from packed_cases import assert_matches as _assert_matches  # noqa: E402
+
 from moe_ao.kernels import triton_packed  # noqa: E402
 from moe_ao.kernels._registry import buffers_of  # noqa: E402
 from moe_ao.kernels.triton_packed import packed_experts_linear, packed_linear, triton_ok  # noqa: E402
 from moe_ao.tensors.packed import PackedWeight  # noqa: E402
-from packed_cases import OUT_ULP, dequant64, mixed_bank, random_slice  # noqa: E402
-from packed_cases import assert_matches as _assert_matches  # noqa: E402
-
 
 # On CPU, tests/conftest.py turns on Triton's interpreter before Triton is imported.
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"

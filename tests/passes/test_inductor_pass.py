@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid as uuidlib
 
 import pytest
-import toy_moe
 import torch
 import torch._inductor.config as inductor_config
+import toy_moe
 from torch._dynamo.utils import counters
 from torch._inductor.codecache import compiled_fx_graph_hash
 from torch.fx.experimental.proxy_tensor import make_fx

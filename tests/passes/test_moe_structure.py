@@ -10,11 +10,12 @@ from torch import nn
 
 import moe_ao
 import moe_ao.experts
-from moe_ao.passes import find_moe_structure, find_moe_units
 from moe_ao.discovery import decoder_layers, unit_weight
+from moe_ao.passes import find_moe_structure, find_moe_units
 
 # Counts written from tests/archs.py configs. attention_linears: 4 per layer (q/k/v/o;
 from moe_ao.unit import KINDS
+
 # DeepSeek-V3 MLA: q_a, q_b, kv_a, kv_b, o); routed_weights: parameters holding routed
 # experts (a fused bank pair per MoE layer; DeepSeek-MoE: 3 linears x 5 experts x 2 layers).
 EXPECTED = {

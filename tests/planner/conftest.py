@@ -15,8 +15,8 @@ if TESTS not in sys.path:  # archs.py lives in tests/
 
 import archs  # noqa: E402
 
-from moe_ao.profile_stats import Profile  # noqa: E402
 from moe_ao.discovery import units  # noqa: E402
+from moe_ao.profile_stats import Profile  # noqa: E402
 
 
 @functools.cache

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
+from moe_ao.discovery import units
 from moe_ao.planner import plan
 from moe_ao.planner.context import AUTO_GROUP_SIZES, bound_params, group_sizes, resolve_base
 from moe_ao.planner.heuristics import frequency
-from moe_ao.discovery import units
 from moe_ao.unit import Unit
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import archs
 import pytest
 import torch
 
-import archs
-
-from moe_ao.planner import plan
 from moe_ao.discovery import unit_weight, units
+from moe_ao.planner import plan
 
 GS = "auto"
 

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_ao.discovery import units
 from moe_ao.planner import measure_sensitivities, plan
 from moe_ao.planner.optimizer import solve, solve_dp, solve_greedy, solve_lagrangian
-from moe_ao.discovery import units
 
 BITS = (2, 3, 4, 8)
 
@@ -89,8 +89,8 @@ def test_knapsack_plan_respects_budget_and_is_optimal_against_heuristics(model, 
     assert d["method"] == "dp" and d["gap"] == 0 and d["sensitivity"] == "rtn-full-hessian+frequency"
     assert d["fallback_units"] == 0 and d["optimized_units"] == 32
     # the heuristic plan is feasible at its own budget, so its proxy loss cannot be lower
-    from moe_ao.planner.scorers import sensitivity_table
     from moe_ao.discovery import unit_weight
+    from moe_ao.planner.scorers import sensitivity_table
 
     table, _ = sensitivity_table({u.name: unit_weight(m, u) for u in us}, us, prof, {u.name: 64 for u in us})
     assert d["objective"] == pytest.approx(sum(table[n][ks[n].bits] for n in table))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moe_ao.planner.scorers import outlier_score, rtn_error, sensitivity_table, token_share, weighted_error
+from moe_ao.primitives import rtn_quantize
 from moe_ao.profile_stats import Profile
-from moe_ao.quant.primitives import rtn_quantize
 from moe_ao.unit import Unit
 
 

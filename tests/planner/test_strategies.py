@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from moe_ao.plans import Plan
-from moe_ao.planner import STRATEGIES, parse_params, plan, strategy_help, strategy_names
 from moe_ao.discovery import units
+from moe_ao.planner import STRATEGIES, parse_params, plan, strategy_help, strategy_names
+from moe_ao.plans import Plan
 
 GS = "auto"
 FAST_ISP = dict(max_epochs=3, batch_size=32)

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from moe_ao.plans import Plan
+from moe_ao.discovery import units
 from moe_ao.planner import heatmap, plan, summarize
 from moe_ao.planner.summary import expert_grid
-from moe_ao.discovery import units
+from moe_ao.plans import Plan
 
 
 def test_summarize_table(model, profile):

@@ -28,7 +28,9 @@ def test_keyword_form_builds_the_same_config():
     cfg = make_config("gptq", calibration=IDS, act_order=False, damp=0.05)
     assert isinstance(cfg, GPTQConfig) and cfg.act_order is False and cfg.damp == 0.05 and cfg.method is Method.GPTQ
     assert isinstance(make_config(Method.RTN), RTNConfig)
-    with pytest.raises(ValueError, match=r"method 'gptq' takes no option\(s\) \['dampening'\]; allowed: \['calibration'"):
+    with pytest.raises(
+        ValueError, match=r"method 'gptq' takes no option\(s\) \['dampening'\]; allowed: \['calibration'"
+    ):
         make_config("gptq", calibration=IDS, dampening=0.1)
     with pytest.raises(ValueError, match="needs calibration"):
         make_config("gptq")
@@ -49,8 +51,10 @@ def _codes(model) -> dict[str, list[torch.Tensor]]:
 def test_gptq_through_torchao_equals_moe_ao(arch):
     ref, theirs = archs.build(arch), archs.build(arch)
     units = moe_ao.units(ref)
-    plan = moe_ao.Plan({u.name: 3 for u in units if u.kind == "expert"} | {u.name: 4 for u in units
-                       if u.kind == "attention"}, group_size=32)
+    plan = moe_ao.Plan(
+        {u.name: 3 for u in units if u.kind == "expert"} | {u.name: 4 for u in units if u.kind == "attention"},
+        group_size=32,
+    )
     config = GPTQConfig(calibration=IDS, progress=False)
     moe_ao.quantize_(ref, plan, config)
     ao_quantize_(theirs, moe_ao.MoEPlanConfig(plan, config), filter_fn=moe_ao.whole_model)

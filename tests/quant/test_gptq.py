@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_ao.primitives import choose_qparams, quantize_with_qparams, rtn_quantize
 from moe_ao.quant.gptq import gptq_quantize
-from moe_ao.quant.primitives import choose_qparams, quantize_with_qparams, rtn_quantize
 
 R, K = 16, 64
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import copy
 
+import archs
 import pytest
 import torch
 import torch.nn.functional as F
 
-import archs
 import moe_ao
 from moe_ao.api import quantization_report
+from moe_ao.primitives import rtn_quantize
 from moe_ao.profiling import profile
 from moe_ao.quant.gptq import gptq_quantize
-from moe_ao.quant.primitives import rtn_quantize
 from moe_ao.tensors.packed import PackedWeight
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_ao.quant.primitives import QuantizedWeight, rtn_quantize
+from moe_ao.primitives import QuantizedWeight, rtn_quantize
 from moe_ao.tensors.packed import PackedWeight
 
 K = 128

@@ -1,11 +1,11 @@
-"""Group-wise RTN (moe_ao.quant.primitives) against the float64 reference in conftest."""
+"""Group-wise RTN (moe_ao.primitives) against the float64 reference in conftest."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_ao.quant.primitives import (
+from moe_ao.primitives import (
     SUPPORTED_BITS,
     check_finite,
     choose_qparams,
