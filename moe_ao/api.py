@@ -117,13 +117,17 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
-def _rtn_packed(
-    model: nn.Module, plan: Plan, planned: list[Unit], all_units: list[Unit], report: QuantizationReport
+def rtn_packed(
+    model: nn.Module, plan: Plan, planned: list[Unit], all_units: list[Unit], report: QuantizationReport,
+    params: set[str] | None = None,
 ) -> dict[str, PackedWeight]:
-    """RTN, one parameter at a time (only one parameter's unpacked codes alive)."""
+    """RTN, one parameter at a time (only one parameter's unpacked codes alive); ``params``
+    limits it to those parameter FQNs (a streamed model's loaded layer)."""
     planned_names = {u.name for u in planned}
     new = {}
     for fqn, param_units in units_by_param(all_units).items():
+        if params is not None and fqn not in params:
+            continue
         todo = [u for u in param_units if u.name in planned_names]
         if not todo:
             continue
@@ -167,7 +171,28 @@ def quantize_(
             The model is unchanged.
         TypeError: ``plan`` is not a Plan, or ``config`` is not a quantizer config.
     """
-    config = _resolve_config(config, method, calibration, options)
+    config = resolve_config(config, method, calibration, options)
+    all_units, planned, report = prepare(model, plan, config)
+    if isinstance(config, GPTQConfig):
+        from moe_ao.quant.gptq_driver import gptq_packed  # the calibration machinery: only when asked for
+
+        new = gptq_packed(model, plan, planned, all_units, config, report)
+    else:
+        new = rtn_packed(model, plan, planned, all_units, report)
+    return apply_packed(model, plan, new, report)
+
+
+def prepare(model: nn.Module, plan: Plan, config: QuantizerConfig) -> tuple[list[Unit], list[Unit], QuantizationReport]:
+    """The checks every quantization runs before touching a weight.
+
+    Returns:
+        (every unit, the planned ones, a report listing the units kept in float).
+
+    Raises:
+        TypeError: ``plan`` is not a Plan.
+        ValueError: the model is already quantized, the plan does not fit it, a planned
+            weight is tied to another, or the plan quantizes nothing.
+    """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a moe_ao.Plan, got {type(plan).__name__}")
     if getattr(model, PLAN_ATTR, None) is not None:
@@ -185,16 +210,10 @@ def quantize_(
             report.kept[u.name] = "not in plan"
         elif not plan[u.name].quantized:
             report.kept[u.name] = "planned at 16 bits"
-    if isinstance(config, GPTQConfig):
-        from moe_ao.quant.gptq_driver import gptq_packed  # the calibration machinery: only when asked for
-
-        new = gptq_packed(model, plan, planned, all_units, config, report)
-    else:
-        new = _rtn_packed(model, plan, planned, all_units, report)
-    return apply_packed(model, plan, new, report)
+    return all_units, planned, report
 
 
-def _resolve_config(config: Any, method: Any, calibration: Any, options: dict[str, Any]) -> QuantizerConfig:
+def resolve_config(config: Any, method: Any, calibration: Any, options: dict[str, Any]) -> QuantizerConfig:
     """The one config object behind quantize_'s typed and keyword forms."""
     if isinstance(config, (RTNConfig, GPTQConfig)):
         if method is not None or calibration is not None or options:

@@ -81,8 +81,17 @@ def meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def state_and_meta(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def state_and_meta(
+    model: nn.Module, keys: set[str] | None = None, override: dict[str, PackedWeight] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors a checkpoint stores (packed ones split into their parts) and their metadata.
+
+    Args:
+        model: the model.
+        keys: only these state-dict entries (default: all); a streamed model passes one
+            layer's keys at a time.
+        override: FQN -> packed tensor to store instead of the model's own (a streamed
+            layer's results, never swapped into the model).
 
     Returns:
         (name -> tensor, {"packed": fqn -> attributes, "tied": name -> the name it shares storage with,
@@ -94,6 +103,9 @@ def state_and_meta(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     tied: dict[str, str] = {}
     seen: dict[int, str] = {}
     for name, t in model.state_dict(keep_vars=True).items():
+        if keys is not None and name not in keys:
+            continue
+        t = (override or {}).get(name, t)
         if id(t) in seen:
             tied[name] = seen[id(t)]  # rebuilt by the model's own tie_weights on load
             continue
@@ -117,6 +129,22 @@ def _config_for(model: nn.Module) -> Any:
     if dtype is not None:
         config.dtype = dtype
     return config
+
+
+def finish_checkpoint(stage: Path, weights: list[str], meta: dict[str, Any], config: Any, plan: Any,
+                      report: Any, tokenizer: Any = None) -> None:
+    """Writes everything but the weights into ``stage``: config, plan, tokenizer, then moe_ao.json
+    with the manifest of every file (written last: it is what makes the folder a checkpoint)."""
+    config.save_pretrained(stage)
+    plan.to_json(str(stage / "plan.json"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(stage)
+    names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file() and p.name != META_FILE)
+    files = {f: {"bytes": (stage / f).stat().st_size, "sha256": file_digest(stage / f)} for f in names}
+    meta = {"format": FORMAT, "version": VERSION, "weights": weights, **meta,
+            "report": report.to_dict() if report else None, "files": files}
+    meta["sha256"] = meta_digest(meta)
+    (stage / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def owned_files(path: Path) -> set[str] | None:
@@ -200,17 +228,8 @@ def save_quantized(
         tensors, meta = state_and_meta(model)
         weights = write_weights(stage.path, tensors, max_shard_bytes)
         del tensors
-        _config_for(model).save_pretrained(stage.path)
-        plan.to_json(str(stage.path / "plan.json"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(stage.path)
-        report = getattr(model, REPORT_ATTR, None)
-        files = {f: {"bytes": (stage.path / f).stat().st_size, "sha256": file_digest(stage.path / f)}
-                 for f in stage.files()}
-        meta = {"format": FORMAT, "version": VERSION, "weights": weights, **meta,
-                "report": report.to_dict() if report else None, "files": files}
-        meta["sha256"] = meta_digest(meta)
-        (stage.path / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        finish_checkpoint(stage.path, weights, meta, _config_for(model), plan, getattr(model, REPORT_ATTR, None),
+                          tokenizer)
         return stage.commit()
 
 

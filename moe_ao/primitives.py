@@ -155,14 +155,15 @@ def check_finite(W: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: weight has {bad} NaN/Inf values; cannot quantize it")
 
 
-def check_finite_params(model) -> None:
+def check_finite_params(model, prefix: str = "") -> None:
     """Raises ValueError naming the first parameter or buffer of ``model`` holding NaN/Inf.
 
     Calibration runs every layer, so one non-finite weight anywhere (planned or not)
-    poisons the Hessians of every unit it feeds.
+    poisons the Hessians of every unit it feeds. Tensors on the meta device (not loaded
+    yet, in a streamed model) are skipped. ``prefix`` is prepended to the names.
     """
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not torch.isfinite(t).all():
+    for name, t in [*model.named_parameters(prefix), *model.named_buffers(prefix)]:
+        if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).sum().item()
             raise ValueError(f"{name}: {bad} NaN/Inf values; calibration runs through it, so the Hessians of the "
                              f"units it feeds would not be finite")

@@ -35,6 +35,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STAGING_TAG = "moe_ao-staging"
+RESUME_TAG = "moe_ao-resume"  # staging of a resumable job (moe_ao.stream): kept across processes
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 # Folders that earlier moe_ao versions (checkpoint format 1) left behind when killed.
@@ -176,16 +177,34 @@ class StagedDir:
     """
 
     def __init__(self, target: str | os.PathLike, overwrite: bool,
-                 owned_files: Callable[[Path], set[str] | None]) -> None:
+                 owned_files: Callable[[Path], set[str] | None], path: Path | None = None) -> None:
         self.target = Path(target).expanduser().resolve()
         self.overwrite, self.owned_files = overwrite, owned_files
         check_target(self.target, overwrite, owned_files)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(self.target)
-        prefix = f".{self.target.name}.{STAGING_TAG}-{_host()}-{os.getpid()}-"
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.target.parent))
-        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it 0700; a checkpoint is an ordinary folder
+        if path is None:
+            prefix = f".{self.target.name}.{STAGING_TAG}-{_host()}-{os.getpid()}-"
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.target.parent))
+            os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes it 0700; a checkpoint is an ordinary folder
+        self.path = path
         self.committed = False
+
+    @classmethod
+    def resumable(cls, target: str | os.PathLike, key: str, overwrite: bool,
+                  owned_files: Callable[[Path], set[str] | None]) -> StagedDir:
+        """A staging directory named by ``key`` (``.<name>.moe_ao-resume-<key>``) that outlives the process.
+
+        A long job restarted with the same key finds what it wrote before. Stale-staging
+        cleanup never touches it; a discarded or committed one is gone. Use it without
+        the context manager (an exception must not delete a resumable job's work).
+        """
+        t = Path(target).expanduser().resolve()
+        path = t.parent / f".{t.name}.{RESUME_TAG}-{key}"
+        check_target(t, overwrite, owned_files)
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o777 & ~_umask())
+        return cls(target, overwrite, owned_files, path=path)
 
     def __enter__(self) -> StagedDir:
         return self

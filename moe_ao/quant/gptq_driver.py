@@ -91,6 +91,92 @@ def _quantize_phase(
         _write_back(layer, prefix, u, results[u.name])
 
 
+class LayerwiseGPTQ:
+    """GPTQ over a model's decoder layers, one :meth:`layer` call per layer.
+
+    ``gptq_packed`` runs every layer in a row; a streaming caller runs them one by one,
+    writing each layer's packed tensors out and checkpointing the calibration state
+    (:meth:`state`) so a killed run can resume after its last finished layer.
+
+    Args:
+        model: the float model (its decoder layers must hold real weights when their
+            :meth:`layer` runs; the embeddings when :meth:`first_inputs` runs).
+        plan: the validated plan.
+        planned: units to quantize (bits < 16).
+        all_units: every unit of the model (as ``moe_ao.units`` returned them).
+        config: the calibration and GPTQ options.
+        report: QuantizationReport; per-unit errors go to ``report.quantized``, and
+            tokens, fallbacks and GPTQ losses to ``report.extra`` (by :meth:`finish`).
+
+    Raises:
+        ValueError: token ids outside the vocabulary, or a planned unit outside the
+            decoder layers.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, planned: list[Unit], all_units: list[Unit],
+                 config: GPTQConfig, report: Any) -> None:
+        check_token_ids(config.calibration, model.config)
+        self.model, self.plan, self.config, self.report = model, plan, config, report
+        self.prefix, self.layers = decoder_layers(model)
+        first = next(p for p in model.parameters() if p.is_floating_point())
+        self.stored = first.dtype
+        # bf16/fp16 arithmetic is slow on most CPUs (no native units), and GPTQ's Hessians
+        # want float32 anyway: calibrate CPU models in float32, GPU models in their dtype.
+        on_cpu = first.device.type in ("cpu", "meta")
+        self.compute_dtype = config.compute_dtype or (torch.float32 if on_cpu else self.stored)
+        self.by_layer: dict[int, list[Unit]] = defaultdict(list)
+        for u in planned:
+            if u.layer is None:
+                raise ValueError(f"{u.name}: GPTQ quantizes decoder-layer units only; plan it for method='rtn'")
+            self.by_layer[u.layer].append(u)
+        self.layer_units: dict[int, list[Unit]] = defaultdict(list)
+        for u in all_units:
+            if u.layer is not None:
+                self.layer_units[u.layer].append(u)
+        self.record: dict[str, Any] = {"tokens": {}, "fallbacks": {}, "loss": {}, "routing_counts": {}}
+
+    def first_inputs(self) -> LayerInputs:
+        """The calibration set's inputs of layer 0, in the compute dtype."""
+        return capture_inputs(self.model, self.config.calibration, self.config.batch_size).to(self.compute_dtype)
+
+    def layer(self, i: int, inputs: LayerInputs) -> tuple[dict[str, PackedWeight], LayerInputs]:
+        """Quantizes layer i on ``inputs``; returns its packed parameters and layer i+1's inputs.
+
+        Raises:
+            ValueError: a non-finite weight in the layer, or a non-finite Hessian (named).
+        """
+        prefix = f"{self.prefix}.{i}"
+        check_finite_params(self.layers[i], prefix)
+        results: dict[str, QuantizedWeight] = {}
+        work = copy.deepcopy(self.layers[i]).to(self.compute_dtype)
+        phase_of = _phase if self.config.true_sequential else (lambda u: 0)
+        units_i = self.by_layer.get(i, [])
+        for phase in sorted({phase_of(u) for u in units_i}):
+            phase_units = [u for u in units_i if phase_of(u) == phase]
+            with LayerObserver(prefix, work, self.layer_units[i], {u.name for u in phase_units},
+                               self.config.weight_by_routing) as obs:
+                run_layer(work, inputs)
+            _quantize_phase(work, prefix, obs, phase_units, self.plan, self.config, self.stored, results, self.record)
+            if obs.routing_counts is not None:
+                self.record["routing_counts"][i] = obs.routing_counts.tolist()
+        inputs = run_layer(work, inputs)
+        del work
+        packed = {}
+        for fqn, param_units in units_by_param(self.layer_units[i]).items():
+            todo = [u for u in param_units if u.name in results]
+            if todo:
+                packed[fqn], errors = pack_param(self.model, fqn, param_units, results)
+                record_units(self.report, todo, results, errors)
+        return packed, inputs
+
+    def finish(self) -> None:
+        """Puts the run's records (tokens, fallbacks, losses, routing counts) into the report."""
+        self.report.extra.update(self.record)
+        if self.record["fallbacks"]:
+            logger.warning("GPTQ fell back for %d rare units (see report.extra['fallbacks'])",
+                           len(self.record["fallbacks"]))
+
+
 def gptq_packed(
     model: nn.Module,
     plan: Plan,
@@ -102,17 +188,7 @@ def gptq_packed(
     """GPTQ-quantized, packed parameters for every planned unit, without changing ``model``.
 
     Each layer's parameters are packed as soon as the layer is done, so unpacked codes
-    of only one layer are alive at a time.
-
-    Args:
-        model: the float model.
-        plan: the validated plan.
-        planned: units to quantize (bits < 16).
-        all_units: every unit of the model (as ``moe_ao.units`` returned them; not
-            recomputed here, since discovery may run a graph capture).
-        config: the calibration and GPTQ options (validated by GPTQConfig).
-        report: QuantizationReport; per-unit errors go to ``report.quantized``, and
-            tokens, fallbacks and GPTQ losses to ``report.extra``.
+    of only one layer are alive at a time. Arguments as for :class:`LayerwiseGPTQ`.
 
     Returns:
         parameter FQN -> PackedWeight.
@@ -121,49 +197,12 @@ def gptq_packed(
         ValueError: token ids outside the vocabulary, a non-finite parameter, or a
             planned unit outside the decoder layers.
     """
-    calibration = config.calibration
-    check_token_ids(calibration, model.config)
-    check_finite_params(model)
-    stored = next(model.parameters()).dtype
-    # bf16/fp16 arithmetic is slow on most CPUs (no native units), and GPTQ's Hessians
-    # want float32 anyway: calibrate CPU models in float32, GPU models in their dtype.
-    device = next(model.parameters()).device
-    compute_dtype = config.compute_dtype or (torch.float32 if device.type == "cpu" else stored)
-    prefix_list, layers = decoder_layers(model)
-    by_layer: dict[int, list[Unit]] = defaultdict(list)
-    for u in planned:
-        if u.layer is None:
-            raise ValueError(f"{u.name}: GPTQ quantizes decoder-layer units only; plan it for method='rtn'")
-        by_layer[u.layer].append(u)
-    record: dict[str, Any] = {"tokens": {}, "fallbacks": {}, "loss": {}, "routing_counts": {}}
+    check_finite_params(model)  # one NaN anywhere poisons the Hessians of every layer after it
+    run = LayerwiseGPTQ(model, plan, planned, all_units, config, report)
+    inputs = run.first_inputs()
     packed: dict[str, PackedWeight] = {}
-    inputs: LayerInputs = capture_inputs(model, calibration, config.batch_size).to(compute_dtype)
-    all_layer_units: dict[int, list[Unit]] = defaultdict(list)
-    for u in all_units:
-        if u.layer is not None:
-            all_layer_units[u.layer].append(u)
-    for i in progress(range(len(layers)), "gptq layers", config.progress):
-        results: dict[str, QuantizedWeight] = {}
-        prefix = f"{prefix_list}.{i}"
-        work = copy.deepcopy(layers[i]).to(compute_dtype)
-        phase_of = _phase if config.true_sequential else (lambda u: 0)
-        units_i = by_layer.get(i, [])
-        for phase in sorted({phase_of(u) for u in units_i}):
-            phase_units = [u for u in units_i if phase_of(u) == phase]
-            with LayerObserver(prefix, work, all_layer_units[i], {u.name for u in phase_units},
-                               config.weight_by_routing) as obs:
-                run_layer(work, inputs)
-            _quantize_phase(work, prefix, obs, phase_units, plan, config, stored, results, record)
-            if obs.routing_counts is not None:
-                record["routing_counts"][i] = obs.routing_counts.tolist()
-        inputs = run_layer(work, inputs)
-        del work
-        for fqn, param_units in units_by_param(all_layer_units[i]).items():
-            todo = [u for u in param_units if u.name in results]
-            if todo:
-                packed[fqn], errors = pack_param(model, fqn, param_units, results)
-                record_units(report, todo, results, errors)
-    report.extra.update(record)
-    if record["fallbacks"]:
-        logger.warning("GPTQ fell back for %d rare units (see report.extra['fallbacks'])", len(record["fallbacks"]))
+    for i in progress(range(len(run.layers)), "gptq layers", config.progress):
+        new, inputs = run.layer(i, inputs)
+        packed |= new
+    run.finish()
     return packed
