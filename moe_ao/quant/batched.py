@@ -18,6 +18,9 @@ from moe_ao.quant.gptq import gptq_quantize
 
 __all__ = ["quantize_units"]
 
+BATCH_BYTES = 256 * 2**20
+GPTQ_COPIES = 4  # rough count of [K, K] and [R, K] float32 arrays gptq_quantize holds per unit
+
 
 def quantize_units(
     weights: Mapping[str, torch.Tensor],
@@ -28,6 +31,7 @@ def quantize_units(
     damp: float = 0.01,
     blocksize: int = 128,
     act_order: bool = True,
+    batch_bytes: int = BATCH_BYTES,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """Quantizes every unit of ``weights`` by its spec.
 
@@ -37,6 +41,9 @@ def quantize_units(
         hessians: unit name -> mean input Hessian [K, K]; units without one get RTN.
         scale_dtype: dtype the scales are stored in.
         damp, blocksize, act_order: GPTQ options.
+        batch_bytes: working memory one batched GPTQ call may take; larger batches are
+            split (the 120 gate/up slices of a Qwen1.5-MoE layer would otherwise stack 4 GB
+            of Hessians and inverses at once).
 
     Returns:
         (unit name -> codes and scales, unit name -> GPTQ loss for the GPTQ units).
@@ -50,13 +57,19 @@ def quantize_units(
             batches[(tuple(W.shape), spec)].append(name)
         else:
             results[name] = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype)
-    for (_, spec), names in batches.items():
-        Ws = torch.stack([weights[n] for n in names])  # [B, R, K]
-        Hs = torch.stack([hessians[n] for n in names])  # [B, K, K]
-        q, stats = gptq_quantize(Ws, Hs, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
-                                 scale_dtype=scale_dtype, damp=damp, blocksize=blocksize, act_order=act_order)
-        for i, n in enumerate(names):
-            results[n] = QuantizedWeight(q.codes[i], q.scale[i], None if q.zero is None else q.zero[i], q.bits,
-                                         q.group_size)
-            losses[n] = float(stats.loss[i])
+    for (shape, spec), names in batches.items():
+        R, K = shape
+        per_unit = 4 * GPTQ_COPIES * (K * K + R * K)  # float32 H, its inverse and their work copies; W, Q, errors
+        step = max(1, batch_bytes // per_unit)
+        for start in range(0, len(names), step):
+            chunk = names[start : start + step]
+            Ws = torch.stack([weights[n] for n in chunk])  # [B, R, K]
+            Hs = torch.stack([hessians[n] for n in chunk])  # [B, K, K]
+            q, stats = gptq_quantize(Ws, Hs, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                                     scale_dtype=scale_dtype, damp=damp, blocksize=blocksize, act_order=act_order)
+            for i, n in enumerate(chunk):
+                results[n] = QuantizedWeight(q.codes[i], q.scale[i], None if q.zero is None else q.zero[i], q.bits,
+                                             q.group_size)
+                losses[n] = float(stats.loss[i])
+            del Ws, Hs, q
     return results, losses

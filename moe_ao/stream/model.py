@@ -20,6 +20,7 @@ missing tensor or one of the wrong shape is a named error before any output exis
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -80,6 +81,7 @@ class StreamedModel:
         self.groups = self.source.groups()
         self.loaded: set[int] = set()
         setattr(self.model, STREAM_ATTR, self)
+        _fix_mmap_threshold()
 
     # ------------------------------------------------------------------ loading
     def _mapping(self) -> list[Any]:
@@ -149,8 +151,8 @@ class StreamedModel:
 
     def load_rest(self) -> None:
         """Loads everything outside the decoder layers and rebuilds non-persistent buffers."""
-        keys = [k for k in self.groups.get(None, [])]
-        self._check(self._convert(self.source.slices(keys), "cpu"), None)
+        with self.source.slices(self.groups.get(None, [])) as tensors:
+            self._check(self._convert(tensors, "cpu"), None)
         self._rebuild_buffers()
         self.model.tie_weights()
 
@@ -167,7 +169,8 @@ class StreamedModel:
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer i with its real weights (read from the memory-mapped shards)."""
         if i not in self.loaded:
-            self._check(self._convert(self.source.slices(self.groups.get(i, [])), "cpu"), i)
+            with self.source.slices(self.groups.get(i, [])) as tensors:
+                self._check(self._convert(tensors, "cpu"), i)
             self.loaded.add(i)
         return self.layers[i]
 
@@ -175,6 +178,8 @@ class StreamedModel:
         """Puts layer i back on the meta device, freeing its weights."""
         self.layers[i].to("meta")
         self.loaded.discard(i)
+        _trim_heap()
+
 
     @contextlib.contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
@@ -184,3 +189,34 @@ class StreamedModel:
             yield layer
         finally:
             self.release_layer(i)
+
+
+def _trim_heap() -> None:
+    """Returns freed heap memory to the system (glibc). A layer's tensors are mostly a few MB each:
+    glibc serves such sizes from its heap once its adaptive mmap threshold has grown, and keeps
+    the freed memory, so without a trim the RSS of a streamed run grew by ~25 MB per layer."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(ctypes.c_size_t(0))
+
+
+MMAP_THRESHOLD = 512 * 2**10
+
+
+def _fix_mmap_threshold() -> None:
+    """Makes glibc serve every allocation of 512 KiB or more with its own mmap, for the rest of the process.
+
+    glibc's default threshold adapts upwards (to 32 MiB) as large blocks are freed, after
+    which a streamed run's many few-MB temporaries come from the heap, and the heap's
+    fragments pile up layer after layer: on a 410 MB, 64-layer checkpoint the peak RSS of
+    streamed GPTQ grew by 162 MB with the adaptive threshold and by 101 MB with it fixed.
+    A process-wide setting, made only by streamed runs (a no-op where glibc is absent).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(ctypes.c_int(-3), ctypes.c_int(MMAP_THRESHOLD))  # M_MMAP_THRESHOLD

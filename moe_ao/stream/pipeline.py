@@ -105,13 +105,18 @@ def quantize_pretrained(
     with Progress(n, "quantized layers", getattr(config, "progress", True)) as bar:
         bar.update(job.next_layer)
         for i in range(job.next_layer, n):
-            with streamed.layer(i):
-                keys = streamed.keys_of(i)
-                if run is None:
-                    packed = rtn_packed(model, plan, planned, all_units, report, keys)
-                else:
-                    packed, inputs = run.layer(i, inputs)
-                tensors, meta = state_and_meta(model, keys, packed)
+            try:
+                with streamed.layer(i):
+                    keys = streamed.keys_of(i)
+                    if run is None:
+                        packed = rtn_packed(model, plan, planned, all_units, report, keys)
+                    else:
+                        packed, inputs = run.layer(i, inputs)
+                    tensors, meta = state_and_meta(model, keys, packed)
+            except (ValueError, RuntimeError) as e:
+                kept = f"layers 0-{i - 1} are finished and kept in {job.dir}" if i else "no layer was finished"
+                raise type(e)(f"layer {i}: {e} ({kept}; rerun the same command to resume; changed source files "
+                              f"start over)") from e
             state = {"quantized": report.quantized, "extra": report.extra}
             if run is not None:
                 state |= {"inputs": inputs, "record": run.record}

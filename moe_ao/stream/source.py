@@ -13,9 +13,11 @@ turns a layer's slices into the model's parameters (``moe_ao.stream.model``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,6 @@ class CheckpointSource:
         self.files = self._weight_files()
         self.where: dict[str, str] = {}  # tensor name -> its file
         self.shapes: dict[str, tuple[list[int], str]] = {}
-        self._handles: dict[str, Any] = {}
         for name in self.files:
             for key, (shape, dtype) in self._header(name).items():
                 if key in self.where:
@@ -82,13 +83,12 @@ class CheckpointSource:
         if not file.is_file():
             raise SourceError(f"{file}: missing (named by {INDEX_FILE})")
         try:
-            handle = safe_open(str(file), "pt")
             # safetensors checks the header against the file size: a truncated shard fails here.
-            out = {k: (list(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype()) for k in handle.keys()}
+            with safe_open(str(file), "pt") as handle:
+                return {k: (list(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype())
+                        for k in handle.keys()}
         except (SafetensorError, OSError) as e:
             raise SourceError(f"{file}: not a readable safetensors file ({e})") from None
-        self._handles[name] = handle
-        return out
 
     def _check_index(self) -> None:
         if self.index is None:
@@ -105,9 +105,18 @@ class CheckpointSource:
             out[layer_index(key)].append(key)
         return dict(out)
 
-    def slices(self, keys: list[str]) -> dict[str, Any]:
-        """Lazy, memory-mapped slices of ``keys`` (read when a conversion materializes them)."""
-        return {k: self._handles[self.where[k]].get_slice(k) for k in keys}
+    @contextlib.contextmanager
+    def slices(self, keys: list[str]) -> Iterator[dict[str, Any]]:
+        """Lazy, memory-mapped slices of ``keys`` (read when a conversion materializes them).
+
+        The files are mapped only inside the ``with``: pages of a mapped file count in the
+        process's RSS while mapped, so keeping every shard open would make a streamed run's
+        RSS grow with the checkpoint it reads.
+        """
+        with contextlib.ExitStack() as stack:
+            handles = {f: stack.enter_context(safe_open(str(self.path / f), "pt"))
+                       for f in sorted({self.where[k] for k in keys})}
+            yield {k: handles[self.where[k]].get_slice(k) for k in keys}
 
     @property
     def nbytes(self) -> int:
