@@ -11,6 +11,7 @@ Typical use::
 
 from moe_ao.api import MoEPlanConfig, QuantizationReport, quantization_report, quantize_, quantized_plan, whole_model
 from moe_ao.checkpoint import load_quantized, save_quantized
+from moe_ao.hf_quantizer import register as _register_hf_quantizer
 from moe_ao.planner import plan
 from moe_ao.plans import Plan, QuantSpec
 from moe_ao.report import memory_report
@@ -35,3 +36,7 @@ __all__ = [
     "whole_model",
 ]
 __version__ = "0.1.0"
+
+# transformers finds third-party quantization methods only in its registry (no entry
+# points): registering here is what makes from_pretrained load moe_ao checkpoints.
+_register_hf_quantizer()

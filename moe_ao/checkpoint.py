@@ -2,8 +2,11 @@
 
 Layout of a checkpoint directory::
 
-    config.json            the model config (transformers)
-    model.safetensors      plain tensors by FQN; packed tensors as "<fqn>::<inner>"
+    config.json            the model config (transformers), with quantization_config
+                           {"quant_method": "moe_ao", ...} for from_pretrained
+    README.md              a model card with the plan summary (moe_ao.hub_files)
+    model.safetensors      plain tensors by FQN; packed tensors as their slot table under
+                           "<fqn>" and buffers as "<fqn>::<inner>" (moe_ao.packed_state)
     moe_ao.json            format version, packed tensor attributes, report, tied weights
     plan.json              the Plan (the "moe_ao.plan" JSON format, moe_ao.plans)
     tokenizer files        when a tokenizer is given
@@ -28,32 +31,13 @@ from torch import nn
 
 from moe_ao import experts as experts_impl
 from moe_ao.api import PLAN_ATTR, REPORT_ATTR, QuantizationReport, swap_in
+from moe_ao.hub_files import write_hub_files
+from moe_ao.packed_state import packed_state_dict, rebuild_packed
 from moe_ao.plans import Plan
 from moe_ao.tensors.packed import PackedWeight
 
 FORMAT = "moe_ao.checkpoint"
 VERSION = 1
-SEP = "::"
-
-
-def _tensors_and_meta(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    packed: dict[str, Any] = {}
-    tied: dict[str, str] = {}
-    seen: dict[int, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            tied[name] = seen[id(t)]  # rebuilt by the model's own tie_weights on load
-            continue
-        seen[id(t)] = name
-        if isinstance(t, PackedWeight):
-            inner, attrs = t.__tensor_flatten__()
-            for n in inner:
-                tensors[f"{name}{SEP}{n}"] = getattr(t, n).detach().contiguous()
-            packed[name] = attrs | {"inner": inner, "dtype": str(t.dtype).removeprefix("torch.")}
-        else:
-            tensors[name] = t.detach().contiguous()
-    return tensors, {"packed": packed, "tied": tied}
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
@@ -81,13 +65,14 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tensors, meta = _tensors_and_meta(model)
+        tensors, meta = packed_state_dict(model)
         save_file(tensors, str(tmp / "model.safetensors"))
         model.config.save_pretrained(tmp)
         report = getattr(model, REPORT_ATTR, None)
         meta |= {"format": FORMAT, "version": VERSION, "report": report.to_dict() if report else None}
         (tmp / "moe_ao.json").write_text(json.dumps(meta, indent=1) + "\n")
         plan.to_json(str(tmp / "plan.json"))
+        write_hub_files(tmp, model, plan)  # quantization_config in config.json, README.md model card
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():
@@ -103,7 +88,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any 
     return out
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's moe_ao.json, checked for format and version (raises ValueError)."""
     meta_file = path / "moe_ao.json"
     if not meta_file.is_file():
         raise ValueError(f"{path}: not a moe_ao checkpoint (no moe_ao.json)")
@@ -132,19 +118,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
     flat = load_file(str(path / "model.safetensors"))
-    new: dict[str, torch.Tensor] = {}
-    for fqn, info in meta["packed"].items():
-        try:
-            inner = {n: flat.pop(f"{fqn}{SEP}{n}") for n in info["inner"]}
-        except KeyError as e:
-            raise ValueError(f"{path}: packed tensor {fqn} lacks inner tensor {e}") from None
-        attrs = [info[k] for k in PackedWeight.tensor_attribute_names]
-        attrs[0], attrs[1] = tuple(attrs[0]), tuple(attrs[1])
-        new[fqn] = PackedWeight(inner.pop("slot"), *attrs, **inner)
+    new = rebuild_packed(lambda key: flat.pop(key, None), meta, str(path))
     state = model.state_dict()
     missing = set(state) - set(flat) - set(new) - set(meta["tied"])
     if missing:
