@@ -11,6 +11,7 @@ Typical use::
 
 from moe_ao.api import MoEPlanConfig, QuantizationReport, quantization_report, quantize_, quantized_plan, whole_model
 from moe_ao.checkpoint import load_quantized, save_quantized
+from moe_ao.export import export
 from moe_ao.hf_quantizer import register as _register_hf_quantizer
 from moe_ao.planner import plan
 from moe_ao.plans import Plan, QuantSpec
@@ -25,6 +26,7 @@ __all__ = [
     "QuantSpec",
     "QuantizationReport",
     "Unit",
+    "export",
     "load_quantized",
     "memory_report",
     "plan",

@@ -239,8 +239,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer: Any = None, name: 
         name: ``general.name`` (default: the config's name or architecture).
 
     Returns:
-        The file written. ``model._moe_ao_gguf_types`` is not set; the log (INFO) and the
-        returned path's sibling are not used: the type of every tensor is in the file.
+        The file written (the type of every tensor is logged at INFO and stored in it).
 
     Raises:
         ValueError: no tokenizer, an unsupported architecture or tokenizer, or a plan
