@@ -159,7 +159,9 @@ class _Builder:
             elif dense:  # a dense layer has none: a zero shared expert adds nothing
                 shape = (H, size) if proj == "down_proj" else (size, H)
                 self.add_float(f"blk.{i}.ffn_{short}_shexp.weight", torch.zeros(shape), kind="float")
-        w = unit_codes(self.model, gate).dense.float().reshape(-1) if gate is not None else torch.zeros(H)
+        # llama.cpp takes the gate's sigmoid as silu(x) / x, NaN at x = 0: the zero shared
+        # expert of a dense layer gets a gate of ones (its output is 0 whatever the gate).
+        w = unit_codes(self.model, gate).dense.float().reshape(-1) if gate is not None else torch.ones(H)
         self.add_float(f"blk.{i}.ffn_gate_inp_shexp.weight", w)
 
     def norms_and_biases(self, i: int, prefix: str) -> None:
