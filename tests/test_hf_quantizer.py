@@ -14,24 +14,12 @@ import moe_ao
 from moe_ao.hub_files import QUANT_METHOD
 from moe_ao.plans import Plan
 from moe_ao.tensors.packed import PackedWeight
-
-
-def plan_for(model) -> Plan:
-    """Mixed widths inside fused banks, a 16-bit expert, an asymmetric attention layer."""
-    entries = {}
-    for u in moe_ao.units(model):
-        if u.kind == "expert":
-            entries[u.name] = 16 if u.expert == 1 else (2, 3, 4, 8)[(u.expert + u.segment) % 4]
-        elif u.kind in ("shared_expert", "dense_mlp"):
-            entries[u.name] = 4
-        elif u.kind == "attention":
-            entries[u.name] = {"bits": 3, "symmetric": False} if u.layer == 0 else 8
-    return Plan(entries, group_size=32, meta={"strategy": "test"})
+from test_checkpoint import mixed_plan  # the same mixed plan as the load_quantized tests
 
 
 def saved(arch: str, tmp_path, dtype=torch.bfloat16):
     model = archs.build(arch, dtype)
-    moe_ao.quantize_(model, plan_for(model))
+    moe_ao.quantize_(model, mixed_plan(moe_ao.units(model)))  # mixed widths, 16-bit expert, asymmetric
     return model, moe_ao.save_quantized(model, tmp_path / arch)
 
 

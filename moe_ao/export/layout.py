@@ -90,7 +90,15 @@ def disk_names(model: nn.Module) -> dict[tuple[str, int | None, int], str]:
         else:
             markers[name] = torch.full((1,), base, dtype=torch.float64)
     out: dict[tuple[str, int | None, int], str] = {}
-    for key, marker in revert_weight_conversion(model, markers).items():
+    # A model from from_pretrained carries the conversions its load used; a moe_ao
+    # checkpoint is stored fused, so those would keep experts fused. Use the default mapping.
+    loaded = model.__dict__.pop("_weight_conversions", None)
+    try:
+        reverted = revert_weight_conversion(model, markers)
+    finally:
+        if loaded is not None:
+            model._weight_conversions = loaded
+    for key, marker in reverted.items():
         value = int(marker.flatten()[0])
         name, t = names[value // _MARK]
         if t.ndim == 3:

@@ -137,3 +137,13 @@ def test_unknown_format_and_unquantized_model(tmp_path):
         export(archs.build("mixtral"), tmp_path / "x", format="onnx")
     with pytest.raises(ValueError, match="not quantized"):
         export(archs.build("mixtral"), tmp_path / "x", format="compressed-tensors")
+
+
+def test_a_from_pretrained_model_exports_the_same(tmp_path):
+    """A model loaded by from_pretrained (moe_ao's quantizer) exports the very same tensors."""
+    model = archs.build("qwen2_moe", torch.bfloat16)
+    moe_ao.quantize_(model, plan_for(model))
+    loaded = AutoModelForCausalLM.from_pretrained(moe_ao.save_quantized(model, tmp_path / "q"))
+    (mine, config), (theirs, config2) = compressed_state(model), compressed_state(loaded)
+    assert config == config2 and mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
