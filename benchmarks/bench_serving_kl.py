@@ -8,7 +8,7 @@ ways, on the same measured KL sensitivities (GPTQ, group 32, symmetric):
   (``vllm-humming`` adds 2/3-bit experts);
 - ``llama.cpp``: a layer's experts share a type per projection (gate/up/down tensors).
 
-Each plan is quantized with GPTQ and judged by its KL to the float model on held-out
+Each plan is quantized (GPTQ, or RTN with --method rtn) and judged by its KL to the float model on held-out
 WikiText-2 test. The llama.cpp plans are also exported to GGUF and run in llama.cpp
 (llama-cpp-python, from this process or the interpreter in MOE_AO_LLAMA_CPP_PYTHON):
 KL(moe_ao || llama.cpp) on the same windows, and the file's size, whose bits are the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,14 +68,15 @@ def _llama_cpp(bench: Bench, model, tmp: Path) -> dict:
     return out
 
 
-def _row(bench: Bench, stats, budget: float, serving: str | None, tmp: Path) -> dict | None:
+def _row(bench: Bench, stats, budget: float, serving: str | None, tmp: Path, method: str) -> dict | None:
     p = _plan(bench, stats, budget, serving)
     if p is None:
         return None
     t = time.perf_counter()
-    model = moe_ao.quantize_(bench.fresh(), p, method="gptq", calibration=bench.calibration)
+    kwargs = {"calibration": bench.calibration} if method == "gptq" else {}
+    model = moe_ao.quantize_(bench.fresh(), p, method=method, **kwargs)
     row = {"model": bench.name, "budget": budget, "serving": serving or "free", "avg_bits": p.meta["avg_bits"],
-           "true_avg_bits": p.meta["true_avg_bits"], "gptq_s": time.perf_counter() - t} | bench.judge(model)
+           "true_avg_bits": p.meta["true_avg_bits"], "quantize_s": time.perf_counter() - t} | bench.judge(model)
     if serving == "llama.cpp" or (serving is None and budget == 4.0):
         row |= _llama_cpp(bench, model, tmp)
     return row
@@ -87,7 +89,7 @@ def _q4_q8_row(bench: Bench, tmp: Path) -> dict:
                     meta={"strategy": "q4_0 experts, q8_0 rest"})
     model = moe_ao.quantize_(bench.fresh(), p)
     row = {"model": bench.name, "budget": None, "serving": "all Q4_0/Q8_0 (RTN)", "avg_bits": p.avg_bits(model),
-           "true_avg_bits": p.true_avg_bits(model), "gptq_s": 0.0} | bench.judge(model)
+           "true_avg_bits": p.true_avg_bits(model), "quantize_s": 0.0} | bench.judge(model)
     return row | _llama_cpp(bench, model, tmp)
 
 
@@ -112,6 +114,10 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[3.0, 4.0, 4.5, 5.0])
     parser.add_argument("--kl-windows", type=int, default=8)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="how each plan is quantized")
+    parser.add_argument("--constraint-models", nargs="+", default=None,
+                        help="models that get the free/vllm/llama.cpp plans (default: all; the others only the"
+                             " all-Q4_0/Q8_0 llama.cpp check, which needs no sensitivities)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -119,6 +125,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             bench = Bench.load(name, eval_windows_n=args.eval_windows)
+            rows.append(_q4_q8_row(bench, Path(tmp)))
+            logging.info("%s", rows[-1])
+            if args.constraint_models is not None and name not in args.constraint_models:
+                continue
             cache = Path(tempfile.gettempdir()) / f"moe_ao_serving_{name}_{args.kl_windows}.pt"
             if cache.is_file():  # the sensitivities take minutes; a rerun (e.g. with llama.cpp) reuses them
                 stats = Profile.load(str(cache))
@@ -127,10 +137,9 @@ def main() -> None:
                 measure_sensitivities(bench.model, bench.calibration, stats, group_size=GROUP,
                                       kl_windows=args.kl_windows)
                 stats.save(str(cache))
-            rows.append(_q4_q8_row(bench, Path(tmp)))
             for budget in args.budgets:
                 for serving in TARGETS:
-                    row = _row(bench, stats, budget, serving, Path(tmp))
+                    row = _row(bench, stats, budget, serving, Path(tmp), args.method)
                     if row is not None:
                         rows.append(row)
                         logging.info("%s", row)
@@ -138,8 +147,8 @@ def main() -> None:
     (RESULTS / "serving.json").write_text(json.dumps(rows, indent=1) + "\n")
     text = (f"# Serving constraints: KL cost at equal bits\n\nMachine: {machine()}\n"
             f"llama.cpp: {'llama-cpp-python via ' + llama_cpp_python() if llama_cpp_python() else 'not available'}\n\n"
-            f"`python benchmarks/bench_serving_kl.py --budgets {' '.join(map(str, args.budgets))}`; knapsack on"
-            f" measured KL sensitivities (GPTQ, group {GROUP}, {args.kl_windows} windows), GPTQ quantization,"
+            f"`python benchmarks/bench_serving_kl.py {' '.join(sys.argv[1:])}`; knapsack on"
+            f" measured KL sensitivities (GPTQ, group {GROUP}, {args.kl_windows} windows), {args.method} quantization,"
             f" {args.eval_windows} x 256 held-out WikiText-2 test tokens.\n\n" + _table(rows))
     (RESULTS / "serving.md").write_text(text)
     print(text)

@@ -76,7 +76,12 @@ def main() -> None:
                                    str(out), str(rows_file)], capture_output=True, text=True,
                                   env={"VLLM_TARGET_DEVICE": "cpu", "PATH": "/usr/bin:/bin"})
             if proc.returncode:
-                errors = [l for l in proc.stderr.splitlines() if "Error" in l and "File " not in l]
+                # the root cause, not the engine's "see above": the first NotImplemented/Attribute/Value error
+                lines_err = [l for l in proc.stderr.splitlines() if "File " not in l]
+                errors = [l for l in lines_err if any(e in l for e in ("NotImplementedError:", "AttributeError:",
+                                                                      "ValueError:"))] or \
+                    [l for l in lines_err if "Error" in l]
+                errors = errors[:1]
                 lines.append(f"- {name}: vLLM failed: `{(errors or ['?'])[-1].strip()[-300:]}`")
                 continue
             rows = json.loads(rows_file.read_text())
