@@ -1,7 +1,8 @@
 """What serving costs: KL of moe_ao's free plan vs the vLLM- and llama.cpp-constrained plans.
 
 For each embedded model the knapsack optimizer plans at the same average bits three
-ways, on the same measured KL sensitivities (GPTQ, group 32, symmetric):
+ways, on the same measured KL sensitivities (group 32, symmetric; measured with the
+quantizer the plans are then quantized with, ``--method``):
 
 - ``free``: moe_ao's own plan (a width per expert and per gate/up half);
 - ``vllm``: experts of a layer share one width, q/k/v and gate/up share theirs, widths {4, 8}
@@ -77,7 +78,7 @@ def _row(bench: Bench, stats, budget: float, serving: str | None, tmp: Path, met
     model = moe_ao.quantize_(bench.fresh(), p, method=method, **kwargs)
     row = {"model": bench.name, "budget": budget, "serving": serving or "free", "avg_bits": p.meta["avg_bits"],
            "true_avg_bits": p.meta["true_avg_bits"], "quantize_s": time.perf_counter() - t} | bench.judge(model)
-    if serving == "llama.cpp" or (serving is None and budget == 4.0):
+    if serving == "llama.cpp":
         row |= _llama_cpp(bench, model, tmp)
     return row
 
@@ -129,13 +130,13 @@ def main() -> None:
             logging.info("%s", rows[-1])
             if args.constraint_models is not None and name not in args.constraint_models:
                 continue
-            cache = Path(tempfile.gettempdir()) / f"moe_ao_serving_{name}_{args.kl_windows}.pt"
+            cache = Path(tempfile.gettempdir()) / f"moe_ao_serving_{name}_{args.kl_windows}_{args.method}.pt"
             if cache.is_file():  # the sensitivities take minutes; a rerun (e.g. with llama.cpp) reuses them
                 stats = Profile.load(str(cache))
             else:
                 stats = profile(bench.model, bench.calibration, hessians=True)
                 measure_sensitivities(bench.model, bench.calibration, stats, group_size=GROUP,
-                                      kl_windows=args.kl_windows)
+                                      kl_windows=args.kl_windows, quantizer=args.method)
                 stats.save(str(cache))
             for budget in args.budgets:
                 for serving in TARGETS:
@@ -148,7 +149,7 @@ def main() -> None:
     text = (f"# Serving constraints: KL cost at equal bits\n\nMachine: {machine()}\n"
             f"llama.cpp: {'llama-cpp-python via ' + llama_cpp_python() if llama_cpp_python() else 'not available'}\n\n"
             f"`python benchmarks/bench_serving_kl.py {' '.join(sys.argv[1:])}`; knapsack on"
-            f" measured KL sensitivities (GPTQ, group {GROUP}, {args.kl_windows} windows), {args.method} quantization,"
+            f" measured KL sensitivities ({args.method}, group {GROUP}, {args.kl_windows} windows), {args.method} quantization,"
             f" {args.eval_windows} x 256 held-out WikiText-2 test tokens.\n\n" + _table(rows))
     (RESULTS / "serving.md").write_text(text)
     print(text)
