@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -74,13 +76,12 @@ def main() -> None:
             rows_file.write_text(json.dumps(export_and_generate(name, args.experts_bits, out)))
             proc = subprocess.run([args.vllm_python, __file__, "--vllm-python", args.vllm_python, "--serve",
                                    str(out), str(rows_file)], capture_output=True, text=True,
-                                  env={"VLLM_TARGET_DEVICE": "cpu", "PATH": "/usr/bin:/bin"})
+                                  env=os.environ | {"VLLM_TARGET_DEVICE": "cpu"})
             if proc.returncode:
                 # the root cause, not the engine's "see above": the first NotImplemented/Attribute/Value error
-                lines_err = [l for l in proc.stderr.splitlines() if "File " not in l]
-                errors = [l for l in lines_err if any(e in l for e in ("NotImplementedError:", "AttributeError:",
-                                                                      "ValueError:"))] or \
-                    [l for l in lines_err if "Error" in l]
+                lines_err = [l for l in (proc.stdout + proc.stderr).splitlines() if "File " not in l]
+                errors = [l for l in lines_err if re.search(r"(NotImplemented|Attribute|Value)Error: ", l)] or \
+                    [l for l in lines_err if re.search(r"\w+Error: ", l)]
                 errors = errors[:1]
                 lines.append(f"- {name}: vLLM failed: `{(errors or ['?'])[-1].strip()[-300:]}`")
                 continue
