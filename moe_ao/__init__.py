@@ -13,6 +13,8 @@ from moe_ao import calibration, models, planner, profiling  # noqa: F401  (submo
 from moe_ao.api import MoEPlanConfig, QuantizationReport, quantization_report, quantize_, quantized_plan, whole_model
 from moe_ao.checkpoint import load_quantized, save_quantized
 from moe_ao.discovery import units
+from moe_ao.export import export
+from moe_ao.hf_quantizer import register as _register_hf_quantizer
 from moe_ao.planner import plan
 from moe_ao.plans import Plan, QuantSpec
 from moe_ao.quant.configs import GPTQConfig, RTNConfig
@@ -30,6 +32,7 @@ __all__ = [
     "QuantizationReport",
     "RTNConfig",
     "Unit",
+    "export",
     "load_quantized",
     "memory_report",
     "plan",
@@ -41,3 +44,7 @@ __all__ = [
     "whole_model",
 ]
 __version__ = "0.1.0"
+
+# transformers finds third-party quantization methods only in its registry (no entry
+# points): registering here is what makes from_pretrained load moe_ao checkpoints.
+_register_hf_quantizer()

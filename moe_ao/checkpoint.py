@@ -2,8 +2,11 @@
 
 Layout of a checkpoint directory (format 2)::
 
-    config.json                     the model config (transformers)
-    model.safetensors               plain tensors by FQN; packed tensors as "<fqn>::<inner>"
+    config.json                     the model config (transformers), with quantization_config
+                                    {"quant_method": "moe_ao", ...} for from_pretrained
+    README.md                       a model card with the plan summary (moe_ao.hub_files)
+    model.safetensors               plain tensors by FQN; a packed tensor's slot table under its
+                                    own FQN and its buffers as "<fqn>::<inner>" (moe_ao.packed_state)
       or model-0000i-of-0000n.safetensors + model.safetensors.index.json (HF's sharded layout)
     moe_ao.json                     format, packed tensor attributes, tied weights, report, and
                                     the manifest: every other file's size and sha256
@@ -41,13 +44,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moe_ao.api import PLAN_ATTR, REPORT_ATTR
+from moe_ao.hub_files import write_hub_files
+from moe_ao.packed_state import SEP, state_and_meta
 from moe_ao.staged_dir import StagedDir
-from moe_ao.tensors.packed import PackedWeight
 
 FORMAT = "moe_ao.checkpoint"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
-SEP = "::"
 META_FILE = "moe_ao.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -81,46 +84,6 @@ def meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def state_and_meta(
-    model: nn.Module, keys: set[str] | None = None, override: dict[str, PackedWeight] | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors a checkpoint stores (packed ones split into their parts) and their metadata.
-
-    Args:
-        model: the model.
-        keys: only these state-dict entries (default: all); a streamed model passes one
-            layer's keys at a time.
-        override: FQN -> packed tensor to store instead of the model's own (a streamed
-            layer's results, never swapped into the model).
-
-    Returns:
-        (name -> tensor, {"packed": fqn -> attributes, "tied": name -> the name it shares storage with,
-        "tensors": plain tensor name -> {dtype, shape}}).
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    packed: dict[str, Any] = {}
-    plain: dict[str, Any] = {}
-    tied: dict[str, str] = {}
-    seen: dict[int, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if keys is not None and name not in keys:
-            continue
-        t = (override or {}).get(name, t)
-        if id(t) in seen:
-            tied[name] = seen[id(t)]  # rebuilt by the model's own tie_weights on load
-            continue
-        seen[id(t)] = name
-        if isinstance(t, PackedWeight):
-            inner, attrs = t.__tensor_flatten__()
-            for n in inner:
-                tensors[f"{name}{SEP}{n}"] = getattr(t, n).detach().contiguous()
-            packed[name] = attrs | {"inner": inner, "dtype": str(t.dtype).removeprefix("torch.")}
-        else:
-            tensors[name] = t.detach().contiguous()
-            plain[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-    return tensors, {"packed": packed, "tied": tied, "tensors": plain}
-
-
 def _config_for(model: nn.Module) -> Any:
     """The model's config with ``dtype`` set to its floating dtype (what HF's save records), so that
     the loader builds its skeleton in the dtype the tensors are stored in."""
@@ -131,12 +94,14 @@ def _config_for(model: nn.Module) -> Any:
     return config
 
 
-def finish_checkpoint(stage: Path, weights: list[str], meta: dict[str, Any], config: Any, plan: Any,
-                      report: Any, tokenizer: Any = None) -> None:
-    """Writes everything but the weights into ``stage``: config, plan, tokenizer, then moe_ao.json
-    with the manifest of every file (written last: it is what makes the folder a checkpoint)."""
+def finish_checkpoint(stage: Path, weights: list[str], meta: dict[str, Any], model: nn.Module, config: Any,
+                      plan: Any, report: Any, tokenizer: Any = None) -> None:
+    """Writes everything but the weights into ``stage``: config (with its quantization_config),
+    model card, plan, tokenizer, then moe_ao.json with the manifest of every file (written last:
+    it is what makes the folder a checkpoint)."""
     config.save_pretrained(stage)
     plan.to_json(str(stage / "plan.json"))
+    write_hub_files(stage, model, plan)
     if tokenizer is not None:
         tokenizer.save_pretrained(stage)
     names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file() and p.name != META_FILE)
@@ -228,8 +193,8 @@ def save_quantized(
         tensors, meta = state_and_meta(model)
         weights = write_weights(stage.path, tensors, max_shard_bytes)
         del tensors
-        finish_checkpoint(stage.path, weights, meta, _config_for(model), plan, getattr(model, REPORT_ATTR, None),
-                          tokenizer)
+        finish_checkpoint(stage.path, weights, meta, model, _config_for(model), plan,
+                          getattr(model, REPORT_ATTR, None), tokenizer)
         return stage.commit()
 
 

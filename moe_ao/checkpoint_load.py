@@ -25,15 +25,15 @@ from moe_ao.checkpoint import (
     FORMAT,
     META_FILE,
     READABLE_VERSIONS,
-    SEP,
     SINGLE_FILE,
     CheckpointError,
     file_digest,
     meta_digest,
 )
 from moe_ao.discovery import units
+from moe_ao.packed_state import inner_keys, rebuild_packed
 from moe_ao.plans import Plan
-from moe_ao.tensors.layout import FLOAT_DTYPES, expected_buffers, packed_from_parts
+from moe_ao.tensors.layout import FLOAT_DTYPES, expected_buffers
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.unit import Unit
 
@@ -179,7 +179,8 @@ def check_headers(
                     f"{path / META_FILE}: packed tensor {name} has logical_shape "
                     f"{info.get('logical_shape')}, the model's is {tuple(t.shape)}"
                 )
-            want |= {f"{name}{SEP}{n}": None for n in info["inner"]}  # checked against their attributes later
+            # the inner tensors are checked against their attributes once read
+            want |= dict.fromkeys(inner_keys(name, info["inner"], legacy=meta["version"] == 1).values())
         else:
             recorded = meta.get("tensors", {}).get(name)  # format 2 records every plain tensor's dtype
             dtype = (FLOAT_DTYPES | _NAMED)[recorded["dtype"]] if recorded else None
@@ -274,13 +275,10 @@ def load_checkpoint(path: Path, device: str | torch.device, verify: bool) -> nn.
         raise CheckpointError(str(e)) from None
     model_units = units(model)
     flat = _load_tensors(path, weights)
-    new: dict[str, PackedWeight] = {}
-    for fqn, info in meta["packed"].items():
-        inner = {n: flat.pop(f"{fqn}{SEP}{n}") for n in info["inner"]}
-        try:
-            new[fqn] = packed_from_parts(fqn, info, inner)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+    try:
+        new = rebuild_packed(lambda key: flat.pop(key, None), meta, str(path), legacy=meta["version"] == 1)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     check_plan(path, plan, model_units, new)
     swap_in(model, new)
     model.load_state_dict(flat, strict=False, assign=True)

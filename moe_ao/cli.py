@@ -1,6 +1,6 @@
 """The ``moe-ao`` command line (also ``python -m moe_ao``).
 
-Subcommands: ``demo`` (the main job), ``units``, ``profile``, ``plan``, ``quantize``.
+Subcommands: ``demo`` (the main job), ``units``, ``profile``, ``plan``, ``quantize``, ``export``.
 User mistakes print one line (``error: ...``) and exit 2, without a traceback.
 """
 
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serving", choices=("vllm", "vllm-humming", "llama.cpp"), default=None,
+                   help="plan only what this engine runs (one width per MoE layer for vLLM, per experts tensor for"
+                        " llama.cpp; see README 'Serving')")
     p.add_argument("--heatmap", help="also write a layer x expert heatmap PNG here")
     p.add_argument("-o", "--output", required=True, help="plan.json")
     p = sub.add_parser("quantize", help="quantize a model with a plan and save it")
@@ -94,7 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output checkpoint dir (new, empty, or see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing moe_ao checkpoint at --output (never a folder holding other files)")
+    _add_export(sub)
     return parser
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a quantized checkpoint for vLLM (compressed-tensors) or llama.cpp (GGUF)")
+    p.add_argument("--checkpoint", required=True, help="a moe_ao checkpoint dir (from `moe-ao quantize`)")
+    p.add_argument("--format", required=True, choices=("compressed-tensors", "gguf"))
+    p.add_argument("--humming", action="store_true",
+                   help="compressed-tensors: allow 2/3-bit experts (vLLM's --moe-backend humming)")
+    p.add_argument("-o", "--output", required=True, help="output dir (compressed-tensors) or .gguf file")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -199,7 +212,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
             )
     if spec.optimizer and sensitivity and "sensitivities" not in params:
         params.setdefault("sensitivity", sensitivity)
-    p = plan(model, args.strategy, budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group, **params)
+    p = plan(model, args.strategy, budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group,
+             serving=args.serving, **params)
     p.to_json(args.output)
     print(summarize(p, model))
     print(f"avg bits {p.avg_bits(model):.3f} (paper accounting), {p.true_avg_bits(model):.3f} true -> {args.output}")
@@ -237,12 +251,30 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     print(save_quantized(model, args.output, tokenizer=tok, overwrite=args.overwrite))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from moe_ao.checkpoint import load_quantized
+    from moe_ao.export import export
+
+    model = load_quantized(args.checkpoint)
+    has_tokenizer = (Path(args.checkpoint) / "tokenizer_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True) if has_tokenizer else None
+    options = {"humming": True} if args.humming else {}
+    if args.humming and args.format != "compressed-tensors":
+        raise ValueError("--humming applies to --format compressed-tensors only")
+    print(export(model, args.output, format=args.format, tokenizer=tok, **options))
+
+
 COMMANDS = {
     "demo": _cmd_demo,
     "units": _cmd_units,
     "profile": _cmd_profile,
     "plan": _cmd_plan,
     "quantize": _cmd_quantize,
+    "export": _cmd_export,
 }
 
 

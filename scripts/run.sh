@@ -26,7 +26,7 @@ case "${1:-}" in
     exec python -m moe_ao demo "$@"
     ;;
   test)
-    install "test,eval,plot"
+    install "test,eval,plot,export"
     shift
     bash scripts/lint.sh  # ruff, and the layer contract of README's architecture
     exec python -m pytest tests -q "$@"

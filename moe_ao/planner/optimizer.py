@@ -39,6 +39,7 @@ from moe_ao.choices import Choice
 from moe_ao.planner.budget import accounting_weights, check_feasible
 from moe_ao.planner.context import Context, check_bits
 from moe_ao.planner.scorers import sensitivity_table
+from moe_ao.planner.serving import get_target, tie_groups
 from moe_ao.unit import Unit
 
 
@@ -258,6 +259,7 @@ def knapsack(
     hessian: str = "full",
     scale_by_frequency: bool = True,
     method: str = "auto",
+    serving: str | None = None,
 ) -> tuple[dict[str, int], dict[str, Any]]:
     """Bits per unit minimising Σ sensitivity within the budget.
 
@@ -278,6 +280,9 @@ def knapsack(
         hessian: ``full`` or ``diag`` Hessian weighting of the RTN error (proxy only).
         scale_by_frequency: scale expert losses by their token share (proxy only).
         method: knapsack solver (see :func:`solve`).
+        serving: an engine's constraint (:mod:`moe_ao.planner.serving`): the units it
+            ties share one width (one knapsack item, its losses summed) and only the
+            widths it runs are options.
 
     Returns:
         (unit name -> bits, JSON-ready meta).
@@ -310,29 +315,30 @@ def knapsack(
         )
         kind = "frobenius" if info["fallback_units"] == len(free) else f"{hessian}-hessian"
         info["sensitivity"] = f"rtn-{kind}" + ("+frequency" if info["frequency_scaled_units"] else "")
-    opts = [[b for b in options if b in table[u.name]] for u in free]
-    empty = [u.name for u, o in zip(free, opts) if not o]
+    groups = [[u] for u in free] if serving is None else tie_groups(free, get_target(serving))
+    target = None if serving is None else get_target(serving)
+    opts = [[b for b in options if all(b in table[u.name] and (target is None or b in target.widths(u))
+                                       for u in g)] for g in groups]
+    empty = [g[0].name for g, o in zip(groups, opts) if not o]
     if empty:
-        raise ValueError(f"sensitivities give none of the options {options} for {empty[:3]}")
+        raise ValueError(f"sensitivities give none of the options {options} for {empty[:3]}"
+                         + ("" if target is None else f" within what {target.engine} runs"))
+    group_weight = [sum(weights[u.name] for u in g) for g in groups]
     free_names = {u.name for u in free}
     fixed = {n: b for n, b in ctx.base.items() if n not in free_names}
     fixed_cost = sum(b * weights[n] for n, b in fixed.items())
     total = sum(weights[n] for n in ctx.base)
-    low = (fixed_cost + sum(o[0] * weights[u.name] for u, o in zip(free, opts))) / total
-    high = (fixed_cost + sum(o[-1] * weights[u.name] for u, o in zip(free, opts))) / total
+    cheapest = sum(o[0] * w for o, w in zip(opts, group_weight))
+    low = (fixed_cost + cheapest) / total
+    high = (fixed_cost + sum(o[-1] * w for o, w in zip(opts, group_weight))) / total
     check_feasible(budget_bits, low, high, "knapsack")
     capacity = max(0, math.floor(budget_bits * total + 1e-6) - fixed_cost)
-    capacity = max(capacity, sum(o[0] * weights[u.name] for u, o in zip(free, opts)))  # budget == low, rounding
-    losses = [[table[u.name][b] for b in o] for u, o in zip(free, opts)]
-    costs = [[b * weights[u.name] for b in o] for u, o in zip(free, opts)]
+    capacity = max(capacity, cheapest)  # budget == low, rounding
+    losses = [[sum(table[u.name][b] for u in g) for b in o] for g, o in zip(groups, opts)]
+    costs = [[b * w for b in o] for o, w in zip(opts, group_weight)]
     sol = solve(losses, costs, capacity, method)
-    out = dict(ctx.base) | {u.name: o[j] for u, o, j in zip(free, opts, sol.choice)}
-    meta = info | {
-        "method": sol.method,
-        "objective": sol.objective,
-        "dual_bound": sol.dual_bound,
-        "gap": sol.gap,
-        "optimized_units": len(free),
-        "options": options,
-    }
+    out = dict(ctx.base) | {u.name: o[j] for g, o, j in zip(groups, opts, sol.choice) for u in g}
+    meta = info | {"method": sol.method, "objective": sol.objective, "dual_bound": sol.dual_bound,
+                   "gap": sol.gap, "optimized_units": len(free), "options": options, "serving": serving,
+                   "tied_groups": len(groups)}
     return out, meta

@@ -25,6 +25,7 @@ from moe_ao.planner.budget import accounting_weights, apply, fit_budget
 from moe_ao.planner.combine import combination
 from moe_ao.planner.context import Context, bound_params, group_sizes, resolve_base
 from moe_ao.planner.optimizer import knapsack
+from moe_ao.planner.serving import check_plan, get_target, lift
 from moe_ao.plans import Plan, QuantSpec
 from moe_ao.profile_stats import Profile
 from moe_ao.unit import Unit
@@ -150,6 +151,7 @@ def plan(
     group_size: int | str = 128,
     symmetric: bool = True,
     base: str | Mapping[str, int] | None = None,
+    serving: str | None = None,
     **params: Any,
 ) -> Plan:
     """Builds a Plan with a named strategy.
@@ -166,6 +168,9 @@ def plan(
         symmetric: symmetric quantization.
         base: the starting bits, a base name or a mapping kind -> bits (default: the
             strategy's; kinds absent from it are not planned).
+        serving: plan only what an engine runs (``"vllm"``, ``"vllm-humming"``,
+            ``"llama.cpp"``; see :mod:`moe_ao.planner.serving`): the knapsack optimises
+            over tied groups and allowed widths; a rule's bits are lifted to them.
         **params: the strategy's parameters (e.g. ``k=2``, ``fraction=0.25``).
 
     Returns:
@@ -187,6 +192,9 @@ def plan(
     sizes = group_sizes(planned, group_size)
     module = model if isinstance(model, nn.Module) else None
     ctx = Context(planned, {u.name: base_bits[u.kind] for u in planned}, module, stats, seed, sizes, symmetric)
+    target = None if serving is None else get_target(serving)
+    if spec.optimizer and serving is not None:
+        params = dict(params) | {"serving": serving}
     kwargs = bound_params(spec.fn, params, f"strategy {spec.name!r}", skip=_NOT_PARAMS)
     meta: dict[str, Any] = {"strategy": spec.name, "params": _meta_params(kwargs), "seed": seed,
                             "base": dict(base_bits), "group_size": group_size, "budget_bits": budget_bits}
@@ -200,10 +208,16 @@ def plan(
         else:
             bits, details = fit_budget(start, rule.upgrades, accounting_weights(planned), budget_bits, spec.name)
         details = rule.meta | details
+    if target is not None and not spec.optimizer:
+        bits = lift(bits, planned, target)
     meta["details"] = _jsonable(details)
+    if serving is not None:
+        meta["serving"] = serving
     specs = {u.name: QuantSpec(bits[u.name], sizes[u.name], symmetric) for u in planned}
     result = Plan(specs, group_size=_default_group_size(sizes), symmetric=symmetric, meta=meta)
     result.validate(all_units)
+    if target is not None:
+        check_plan(result, all_units, target)  # group sizes and symmetry the engine runs
     result.meta["avg_bits"] = result.avg_bits(all_units)
     result.meta["true_avg_bits"] = result.true_avg_bits(all_units)
     return result

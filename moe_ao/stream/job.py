@@ -113,7 +113,7 @@ class StreamJob:
                 raise ValueError(f"{f}: a finished layer's shard is missing or changed; delete {self.dir} to start "
                                  f"over")
 
-    def finish(self, rest: dict[str, torch.Tensor], rest_meta: dict[str, Any], config: Any, plan: Any,
+    def finish(self, rest: dict[str, torch.Tensor], rest_meta: dict[str, Any], model: Any, config: Any, plan: Any,
                report: Any, tokenizer: Any = None) -> Path:
         """Writes the rest, the index and the checkpoint's descriptive files, and moves it onto the target."""
         _replace(self.dir / REST_FILE, lambda p: save_file(rest, str(p), metadata={"format": "pt"}))
@@ -135,6 +135,6 @@ class StreamJob:
         for p in [*self.dir.glob("state-*.pt"), *self.dir.glob("*.tmp")]:  # resume state, interrupted writes
             p.unlink()
         (self.dir / PROGRESS).unlink(missing_ok=True)
-        finish_checkpoint(self.dir, weights, meta, config, plan, report, tokenizer)
+        finish_checkpoint(self.dir, weights, meta, model, config, plan, report, tokenizer)
         assert (self.dir / META_FILE).is_file()
         return self.stage.commit()

@@ -24,7 +24,7 @@ import torch
 
 from moe_ao import __version__
 from moe_ao.api import prepare, resolve_config, rtn_packed
-from moe_ao.checkpoint import state_and_meta
+from moe_ao.packed_state import state_and_meta
 from moe_ao.plans import Plan
 from moe_ao.progress import Progress
 from moe_ao.quant.configs import GPTQConfig, QuantizerConfig
@@ -129,7 +129,7 @@ def quantize_pretrained(
     rest, rest_meta = state_and_meta(model, rest_keys, rest_packed)
     config_out = streamed.config
     config_out.dtype = streamed.dtype
-    return job.finish(rest, rest_meta, config_out, plan, report, _CopyTokenizer(Path(src)))
+    return job.finish(rest, rest_meta, model, config_out, plan, report, _CopyTokenizer(Path(src)))
 
 
 def _start(model, plan, planned, all_units, config, report, job: StreamJob):
