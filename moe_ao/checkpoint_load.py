@@ -33,6 +33,7 @@ from moe_ao.checkpoint import (
 from moe_ao.discovery import units
 from moe_ao.packed_state import inner_keys, rebuild_packed
 from moe_ao.plans import Plan
+from moe_ao.skeleton import meta_model
 from moe_ao.tensors.layout import FLOAT_DTYPES, expected_buffers
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.unit import Unit
@@ -227,16 +228,15 @@ def check_plan(path: Path, plan: Plan, model_units: list[Unit], packed: Mapping[
 
 
 def _build_skeleton(path: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    """The model without its weights (meta parameters): the packed model is loaded where the float
+    one would not fit."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    with no_init_weights():  # every weight is loaded below: skip the random initialisation
-        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    return model
+    return meta_model(config)
 
 
 def _load_tensors(path: Path, weights: list[str]) -> dict[str, torch.Tensor]:
@@ -285,6 +285,9 @@ def load_checkpoint(path: Path, device: str | torch.device, verify: bool) -> nn.
     if meta["tied"]:
         model.tie_weights()
     _check_ties(path, model, meta["tied"])
+    unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unset:
+        raise CheckpointError(f"{path}: the checkpoint does not set {unset[:3]}")
     if any(t.ndim == 3 for t in new.values()):
         experts_impl.select(model)
     setattr(model, PLAN_ATTR, plan)

@@ -131,12 +131,27 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {cfg.out}/demo_report.md")
 
 
-def _cmd_units(args: argparse.Namespace) -> None:
+def _streamed(name_or_path: str, weights: bool = True):
+    """The model streamed from its checkpoint (see moe_ao.stream) and its tokenizer: the float
+    model is never whole in memory. ``weights=False`` skips loading even the embeddings."""
+    from transformers import AutoTokenizer
+
     from moe_ao import models
+    from moe_ao.stream import StreamedModel
+
+    path = models.resolve(name_or_path)
+    streamed = StreamedModel(path)
+    if weights:
+        streamed.preflight()
+        streamed.load_rest()
+    return streamed, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _cmd_units(args: argparse.Namespace) -> None:
     from moe_ao.discovery import units
 
-    model, _ = models.load(args.model)
-    for u in units(model):
+    streamed, _ = _streamed(args.model, weights=False)  # names and shapes need no weights
+    for u in units(streamed.model):
         print(f"{u.name}\t{u.kind}\t{u.shape[0]}x{u.shape[1]}")
 
 
@@ -146,7 +161,11 @@ def _cmd_profile(args: argparse.Namespace) -> None:
     from moe_ao.planner import measure_sensitivities
     from moe_ao.profiling import profile
 
-    model, tok = models.load(args.model)
+    if args.sensitivity == "kl":  # measures on float32 copies of every layer: in memory
+        model, tok = models.load(args.model)
+    else:  # streamed one layer at a time from the checkpoint
+        streamed, tok = _streamed(args.model)
+        model = streamed.model
     calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, model_config=model.config)
     prof = profile(model, calib, hessians=args.hessians)
     if args.sensitivity == "kl":
@@ -192,12 +211,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     spec = get_strategy(args.strategy)  # fail on a typo before loading anything
     params = parse_params(args.param)
     group = _group_size(args.group_size)
-    model, tok = models.load(args.model)
     stats = None
     sensitivity = args.sensitivity
-    if args.profile:
+    if args.profile:  # the plan needs the profile and the model's structure: its skeleton, no weights
         stats = Profile.load(args.profile)
-    elif args.strategy in DATA_STRATEGIES:
+        model, tok = _streamed(args.model, weights=False)[0].model, None
+    else:
+        model, tok = models.load(args.model)
+    if not args.profile and args.strategy in DATA_STRATEGIES:
         sensitivity = sensitivity or "kl"
         calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, args.seed, model.config)
         stats = profile(model, calib, hessians=spec.optimizer and sensitivity == "hessian", seed=args.seed)
@@ -212,8 +233,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
             )
     if spec.optimizer and sensitivity and "sensitivities" not in params:
         params.setdefault("sensitivity", sensitivity)
-    p = plan(model, args.strategy, budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group,
-             serving=args.serving, **params)
+    options = dict(budget_bits=args.budget, stats=stats, seed=args.seed, group_size=group, serving=args.serving)
+    try:
+        p = plan(model, args.strategy, **options, **params)
+    except ValueError as e:
+        if "reads weights" not in str(e):
+            raise
+        model, _ = models.load(args.model)  # this strategy reads the weights: load them after all
+        p = plan(model, args.strategy, **options, **params)
     p.to_json(args.output)
     print(summarize(p, model))
     print(f"avg bits {p.avg_bits(model):.3f} (paper accounting), {p.true_avg_bits(model):.3f} true -> {args.output}")
@@ -231,24 +258,24 @@ def _group_size(text: str) -> int | str:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from moe_ao import models
-    from moe_ao.api import quantize_
-    from moe_ao.calibration import load_calibration
-    from moe_ao.checkpoint import save_quantized
-    from moe_ao.plans import Plan
+    from transformers import AutoConfig, AutoTokenizer
 
-    model, tok = models.load(args.model)
+    from moe_ao import models
+    from moe_ao.calibration import load_calibration
+    from moe_ao.plans import Plan
+    from moe_ao.stream import quantize_pretrained
+
+    path = models.resolve(args.model)
     plan = Plan.from_json(args.plan)
     kwargs = {}
     if args.method == "gptq":
-        kwargs = {
-            "calibration": load_calibration(
-                args.calibration, tok, args.n_samples, args.seq_len, model_config=model.config
-            ),
-            "act_order": args.act_order,
-        }
-    quantize_(model, plan, method=args.method, **kwargs)
-    print(save_quantized(model, args.output, tokenizer=tok, overwrite=args.overwrite))
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, model_config=config)
+        kwargs = {"calibration": calib, "act_order": args.act_order}
+    # Streamed layer by layer from the checkpoint files (resumable; the float model is never whole
+    # in memory); the same codes as moe_ao.quantize_ on the model loaded whole.
+    print(quantize_pretrained(path, plan, args.output, method=args.method, overwrite=args.overwrite, **kwargs))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

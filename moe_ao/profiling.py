@@ -16,7 +16,7 @@ from moe_ao.calibration import check_token_ids
 from moe_ao.discovery import decoder_layers, units
 from moe_ao.profile_stats import Profile
 from moe_ao.progress import progress as show_progress
-from moe_ao.quant.layerwise import capture_inputs, run_layer
+from moe_ao.quant.layerwise import capture_inputs, layer_scope, run_layer
 from moe_ao.quant.observers import LayerObserver
 
 
@@ -56,7 +56,7 @@ def profile(
     for i in show_progress(range(len(layers)), "profile layers", progress):
         layer_units = [u for u in all_units if u.layer == i]
         wanted = {u.name for u in layer_units if u.kind != "router"} if hessians else set()
-        with LayerObserver(f"{prefix}.{i}", layers[i], layer_units, wanted) as obs:
+        with layer_scope(model, i), LayerObserver(f"{prefix}.{i}", layers[i], layer_units, wanted) as obs:
             outputs = run_layer(layers[i], inputs)
         if obs.routing_counts is not None:
             out.routing_counts[i] = obs.routing_counts.cpu()

@@ -59,6 +59,16 @@ def path(name: str) -> Path:
     return CHECKPOINTS / name
 
 
+def resolve(name_or_path: str | Path) -> Path:
+    """The checkpoint directory of an embedded model name or a local directory.
+
+    Raises:
+        ValueError: If ``name_or_path`` is neither an embedded name nor an existing directory.
+    """
+    local = Path(name_or_path)
+    return local if local.is_dir() else path(str(name_or_path))
+
+
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, object]:
     """Loads a model and its tokenizer, offline, in eval mode.
 
@@ -80,8 +90,7 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple
     # package must stay importable without paying for it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(name_or_path)
-    ckpt = local if local.is_dir() else path(str(name_or_path))
+    ckpt = resolve(name_or_path)
     # local_files_only: never reach for the Hub, even if the name looks like a repo id.
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)

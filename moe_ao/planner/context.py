@@ -164,7 +164,11 @@ class Context:
         """
         if self.model is None:
             raise ValueError(f"{unit.name}: this strategy reads weights; pass the model, not a unit list")
-        return unit_weight(self.model, unit)
+        w = unit_weight(self.model, unit)
+        if w.is_meta:
+            raise ValueError(f"{unit.name}: this strategy reads weights, and the model's are still in its checkpoint "
+                             f"(streamed); load the model in memory, or use a strategy that needs only a profile")
+        return w
 
     def require(self, *fields: str) -> Profile:
         """The Profile, checked to hold the named statistics for every MoE layer.

@@ -9,6 +9,7 @@ the hidden states of the calibration set, flat in the number of layers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,18 @@ import torch
 from torch import nn
 
 from moe_ao.discovery import decoder_layers
+
+STREAM_ATTR = "_moe_ao_stream"  # set by moe_ao.stream.StreamedModel on the model it streams
+
+
+def layer_scope(model: nn.Module, i: int) -> contextlib.AbstractContextManager:
+    """``with layer_scope(model, i):`` decoder layer i holds real weights inside the block.
+
+    A no-op for a model in memory; a model streamed from its checkpoint
+    (``moe_ao.stream.StreamedModel``) loads the layer from its files and frees it after.
+    """
+    stream = getattr(model, STREAM_ATTR, None)
+    return stream.layer(i) if stream is not None else contextlib.nullcontext()
 
 
 class _StopForward(Exception):

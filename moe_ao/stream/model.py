@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from moe_ao.discovery import decoder_layers
+from moe_ao.quant.layerwise import STREAM_ATTR
+from moe_ao.skeleton import meta_model
 from moe_ao.stream.source import CheckpointSource, SourceError
 
 __all__ = ["STREAM_ATTR", "StreamedModel"]
 
-STREAM_ATTR = "_moe_ao_stream"  # set on the model: functions that walk its layers load them through it
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -67,16 +68,14 @@ class StreamedModel:
     """
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.source = CheckpointSource(path)
         self.config = AutoConfig.from_pretrained(path)
         self.dtype = dtype or getattr(self.config, "dtype", None) or torch.float32
         if isinstance(self.dtype, str):
             self.dtype = getattr(torch, self.dtype)
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
-        self.model.eval()
+        self.model = meta_model(self.config, self.dtype)
         self.prefix, self.layers = decoder_layers(self.model)
         self.groups = self.source.groups()
         self.loaded: set[int] = set()
@@ -150,21 +149,10 @@ class StreamedModel:
             self.model = saved
 
     def load_rest(self) -> None:
-        """Loads everything outside the decoder layers and rebuilds non-persistent buffers."""
+        """Loads everything outside the decoder layers (embeddings, final norm, head) and ties weights."""
         with self.source.slices(self.groups.get(None, [])) as tensors:
             self._check(self._convert(tensors, "cpu"), None)
-        self._rebuild_buffers()
         self.model.tie_weights()
-
-    def _rebuild_buffers(self) -> None:
-        owners = {}
-        for name, buf in self.model.named_non_persistent_buffers():
-            owner_name, _, attr = name.rpartition(".")
-            owner = self.model.get_submodule(owner_name)
-            owner.register_buffer(attr, torch.empty_like(buf, device="cpu"), persistent=False)
-            owners[owner_name] = owner
-        for owner in owners.values():
-            self.model._init_weights(owner)  # what from_pretrained does: e.g. recomputes rotary inv_freq
 
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer i with its real weights (read from the memory-mapped shards)."""
