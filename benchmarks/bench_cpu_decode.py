@@ -94,7 +94,8 @@ def memcpy_variant() -> Variant:
     return (lambda i: dst.copy_(src)), float(MEMCPY_BYTES)
 
 
-def random_packed(shape: tuple[int, ...], n_seg: int, slice_bits: list[int], group_size: int) -> PackedWeight:
+def random_packed(shape: tuple[int, ...], n_seg: int, slice_bits: list[int], group_size: int,
+                  act_bits: int | None = None) -> PackedWeight:
     """A PackedWeight with uniformly random codes, built without packing (slot table from a tiny twin)."""
     *_, N, K = shape
     R, G = N // n_seg, K // group_size
@@ -106,7 +107,7 @@ def random_packed(shape: tuple[int, ...], n_seg: int, slice_bits: list[int], gro
         n = slice_bits.count(b)
         buffers[f"q{b}"] = torch.randint(0, 256, (n, R, packed_size(K, b)), dtype=torch.uint8)
         buffers[f"s{b}"] = (torch.rand(n, R, G) * 1e-3).to(BF16)
-    return PackedWeight(twin.slot, shape, slice_bits, n_seg, group_size, True, **buffers)
+    return PackedWeight(twin.slot, shape, slice_bits, n_seg, group_size, True, **buffers, act_bits=act_bits)
 
 
 def slice_bytes(R: int, K: int, bits: int, group_size: int) -> int:
@@ -115,23 +116,29 @@ def slice_bytes(R: int, K: int, bits: int, group_size: int) -> int:
 
 # -------------------------------------------------------------------------- (a) GEMV
 def gemv_variants(N: int, K: int, group_size: int, linear: Callable[[torch.Tensor, PackedWeight], torch.Tensor],
-                  rotate_bytes: int = ROTATE_BYTES, device: torch.device = torch.device("cpu")) -> dict[str, Variant]:
-    """bf16 F.linear, ``linear`` over packed 2/3/4/8-bit weights and, on CPU, aten int4/int8;
-    each rotates over copies of its weight filling ``rotate_bytes``, so none is read from cache."""
-    x = torch.randn(1, K, dtype=BF16, device=device)
+                  rotate_bytes: int = ROTATE_BYTES, device: torch.device = torch.device("cpu"), rows: int = 1,
+                  widths: tuple[int, ...] = (2, 3, 4, 8), act_bits: int | None = None,
+                  baselines: bool = True) -> dict[str, Variant]:
+    """bf16 F.linear, ``linear`` over packed weights of each of ``widths`` (activations at
+    ``act_bits``) and, on CPU, aten int4/int8 (``baselines``: bf16 and aten), times ``rows``
+    rows of x; each rotates over copies of its weight filling ``rotate_bytes``, so none is
+    read from cache."""
+    x = torch.randn(rows, K, dtype=BF16, device=device)
     out: dict[str, Variant] = {}
 
     def rotating(make: Callable[[], object], nbytes: float, call: Callable[[object], object], name: str) -> None:
         copies = [make() for _ in range(max(1, min(64, -(-rotate_bytes // int(nbytes)))))]
         out[name] = (lambda i: call(copies[i % len(copies)])), nbytes
 
-    rotating(lambda: torch.randn(N, K, dtype=BF16, device=device), N * K * 2, lambda w: F.linear(x, w),
-             "bf16 F.linear")
-    if device.type == "cpu":
+    if baselines:
+        rotating(lambda: torch.randn(N, K, dtype=BF16, device=device), N * K * 2, lambda w: F.linear(x, w),
+                 "bf16 F.linear")
+    if baselines and device.type == "cpu":
         _aten_variants(rotating, x, N, K, group_size)
-    for bits in (2, 3, 4, 8):
-        rotating(lambda b=bits: random_packed((N, K), 1, [b], group_size).to(device),
-                 slice_bytes(N, K, bits, group_size), lambda w: linear(x, w), f"moe_ao {bits}-bit (g{group_size})")
+    act = f"A{act_bits} " if act_bits else ""
+    for bits in widths:
+        rotating(lambda b=bits: random_packed((N, K), 1, [b], group_size, act_bits).to(device),
+                 slice_bytes(N, K, bits, group_size), lambda w: linear(x, w), f"moe_ao {bits}-bit {act}(g{group_size})")
     return out
 
 
@@ -161,6 +168,37 @@ def mixtral_experts(config, gate_up: torch.Tensor, down: torch.Tensor, implement
     return module.eval()
 
 
+PLANS = {"mixed 2.5-bit": lambda i: 4 if i % 4 == 0 else 2, "uniform 4-bit": lambda i: 4}  # bits of slice i
+
+
+def bf16_banks(hidden: int, inter: int, E: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bf16 gate_up [E, 2I, H] and down [E, H, I], expert by expert (no fp32 bank)."""
+    gate_up = torch.empty(E, 2 * inter, hidden, dtype=BF16, device=device)
+    down = torch.empty(E, hidden, inter, dtype=BF16, device=device)
+    for e in range(E):
+        gate_up[e].copy_(torch.randn(2 * inter, hidden, device=device) * 0.02)
+        down[e].copy_(torch.randn(hidden, inter, device=device) * 0.02)
+    return gate_up, down
+
+
+def packed_layer(config, hidden: int, inter: int, E: int, group_size: int, bits_of: Callable[[int], int],
+                 device: torch.device, act_bits: int | None = None
+                 ) -> tuple[nn.Module, Callable[[int], float], float]:
+    """A moe_ao experts layer with random codes at ``bits_of(slice)`` bits: (module, bytes
+    read for expert e, average code bits per weight)."""
+    up_bits = [bits_of(i) for i in range(2 * E)]  # slice e*2 + seg: gate, up of expert e
+    down_bits = [bits_of(i) for i in range(E)]
+    module = mixtral_experts(config, random_packed((E, 2 * inter, hidden), 2, up_bits, group_size, act_bits).to(device),
+                             random_packed((E, hidden, inter), 1, down_bits, group_size, act_bits).to(device), "moe_ao")
+
+    def nbytes(e: int) -> float:
+        return (slice_bytes(inter, hidden, up_bits[2 * e], group_size)
+                + slice_bytes(inter, hidden, up_bits[2 * e + 1], group_size)
+                + slice_bytes(hidden, inter, down_bits[e], group_size))
+
+    return module, nbytes, (sum(up_bits) + sum(down_bits)) / (3 * E)
+
+
 def moe_variants(hidden: int, inter: int, E: int, group_size: int, pairs: list[tuple[int, int]],
                  device: torch.device = torch.device("cpu"), compiled_loop: bool = True
                  ) -> tuple[dict[str, Variant], dict[str, float]]:
@@ -170,11 +208,7 @@ def moe_variants(hidden: int, inter: int, E: int, group_size: int, pairs: list[t
 
     config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=E, num_experts_per_tok=2)
     experts_impl.register()
-    gate_up = torch.empty(E, 2 * inter, hidden, dtype=BF16, device=device)
-    down = torch.empty(E, hidden, inter, dtype=BF16, device=device)
-    for e in range(E):  # expert by expert: no fp32 temporaries of the whole bank
-        gate_up[e].copy_(torch.randn(2 * inter, hidden, device=device) * 0.02)
-        down[e].copy_(torch.randn(hidden, inter, device=device) * 0.02)
+    gate_up, down = bf16_banks(hidden, inter, E, device)
     x = torch.randn(1, hidden, dtype=BF16, device=device)
     weights = torch.tensor([[0.6, 0.4]], dtype=BF16, device=device)
     routes = [torch.tensor([p], device=device) for p in pairs]
@@ -192,20 +226,9 @@ def moe_variants(hidden: int, inter: int, E: int, group_size: int, pairs: list[t
     grouped = mixtral_experts(config, gate_up, down, "grouped_mm")
     variants["bf16 compiled (grouped_mm)"] = layer(torch.compile(grouped), bf16_bytes)
 
-    plans = {"mixed 2.5-bit": lambda i: 4 if i % 4 == 0 else 2, "uniform 4-bit": lambda i: 4}
     avg_bits = {}
-    for plan_name, bits_of in plans.items():
-        up_bits = [bits_of(i) for i in range(2 * E)]  # slice e*2 + seg: gate, up of expert e
-        down_bits = [bits_of(i) for i in range(E)]
-        packed = mixtral_experts(config, random_packed((E, 2 * inter, hidden), 2, up_bits, group_size).to(device),
-                                 random_packed((E, hidden, inter), 1, down_bits, group_size).to(device), "moe_ao")
-
-        def nbytes(e: int, up_bits=up_bits, down_bits=down_bits) -> float:
-            return (slice_bytes(inter, hidden, up_bits[2 * e], group_size)
-                    + slice_bytes(inter, hidden, up_bits[2 * e + 1], group_size)
-                    + slice_bytes(hidden, inter, down_bits[e], group_size))
-
-        avg_bits[plan_name] = (sum(up_bits) + sum(down_bits)) / (3 * E)
+    for plan_name, bits_of in PLANS.items():
+        packed, nbytes, avg_bits[plan_name] = packed_layer(config, hidden, inter, E, group_size, bits_of, device)
         variants[f"moe_ao {plan_name} eager"] = layer(packed, nbytes)
         variants[f"moe_ao {plan_name} compiled"] = layer(torch.compile(packed, fullgraph=True), nbytes)
     return variants, avg_bits

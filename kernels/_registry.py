@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import the
 
 BUFFER_NAMES = ("q2", "s2", "z2", "q3", "s3", "z3", "q4", "s4", "z4", "q8", "s8", "z8", "d16")
 _LIB = torch.library.Library("moe_ao", "FRAGMENT")  # the registrations live as long as this object
-_ARGS = "Tensor slot, int out_features, int n_seg, int group_size, Tensor?[] buffers"
+_ARGS = "Tensor slot, int out_features, int n_seg, int group_size, Tensor?[] buffers, int act_bits=0"
 
 
 def buffers_of(w: PackedWeight) -> list[Tensor | None]:
@@ -61,11 +61,11 @@ def device_and_dtype(w: PackedWeight) -> tuple[str, torch.dtype]:
     raise AssertionError("a PackedWeight without scales or float slices")
 
 
-def _linear_fake(x, slot, out_features, n_seg, group_size, buffers):
+def _linear_fake(x, slot, out_features, n_seg, group_size, buffers, act_bits=0):
     return x.new_empty(x.shape[0], out_features)
 
 
-def _experts_fake(x, ids, slot, out_features, n_seg, group_size, buffers):
+def _experts_fake(x, ids, slot, out_features, n_seg, group_size, buffers, act_bits=0):
     assert ids.shape == x.shape[:1], f"{ids.shape=} {x.shape=}"
     return x.new_empty(x.shape[0], out_features)
 
@@ -73,14 +73,16 @@ def _experts_fake(x, ids, slot, out_features, n_seg, group_size, buffers):
 def define_packed_ops(prefix: str, run: Callable[..., Tensor], devices: Sequence[str]) -> None:
     """Defines ``moe_ao::<prefix>packed_linear`` and ``moe_ao::<prefix>packed_experts_linear``.
 
-    - ``<prefix>packed_linear(x, slot, out_features, n_seg, group_size, buffers)``: x [M, K]
-      times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype;
+    - ``<prefix>packed_linear(x, slot, out_features, n_seg, group_size, buffers, act_bits=0)``:
+      x [M, K] times a 2D packed weight [N, K] given by its buffers -> [M, N] in x's dtype,
+      x first rounded per token to int8 when act_bits = 8 (the CPU op; callers of the
+      Triton op round x themselves and pass 0);
     - ``<prefix>packed_experts_linear(x, ids, ...)``: row s of x [S, K] times expert ids[s]
       of a 3D packed weight [E, N, K] -> [S, N].
 
     Args:
         prefix: op name prefix (``""`` for the CPU kernel, ``"triton_"``).
-        run: ``run(x, ids or None, slot, out_features, n_seg, group_size, buffers)``.
+        run: ``run(x, ids or None, slot, out_features, n_seg, group_size, buffers, act_bits)``.
         devices: dispatch keys served by ``run`` (``"CompositeExplicitAutograd"``: every
             key without a kernel of its own, e.g. until a C++ library registers one).
     """

@@ -34,21 +34,35 @@ def _dequant(q_ptr, s_ptr, z_ptr, d_ptr, pos, r, k, R, K, G, GS, BITS: tl.conste
 @triton.jit
 def packed_mm_kernel(x_ptr, ids_ptr, slot_ptr, out_ptr,
               q2, s2, z2, q3, s3, z3, q4, s4, z4, q8, s8, z8, d16,
+              tiles_ptr, perm_ptr,
               M, K, R, G, GS, n_seg, tiles_per_slice,
-              HAS_IDS: tl.constexpr, HAS_ZERO: tl.constexpr,
+              HAS_IDS: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[m, n] = x[m] . W[expert of m][n]. Program (pid_m, pid_n) computes BM rows of x times
+    BN rows of one slice: rows pid_m*BM.. (2D weights), row pid_m and its expert (HAS_IDS,
+    BM = 1), or with GROUPED the rows of tile pid_m of the expert-sorted order (tiles_ptr:
+    int32 [tiles, 3] of expert, first row, end row; perm_ptr: sorted -> original row)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     seg = pid_n // tiles_per_slice
     r = (pid_n % tiles_per_slice) * BN + tl.arange(0, BN)  # [BN] rows of the slice
-    m = pid_m * BM + tl.arange(0, BM)  # [BM] rows of x
-    expert = tl.load(ids_ptr + pid_m) if HAS_IDS else 0  # HAS_IDS launches BM = 1
+    if GROUPED:
+        expert = tl.load(tiles_ptr + pid_m * 3)
+        row0 = tl.load(tiles_ptr + pid_m * 3 + 1)
+        row_end = tl.load(tiles_ptr + pid_m * 3 + 2)
+        sorted_rows = row0 + tl.arange(0, BM)  # [BM]
+        m_ok = sorted_rows < row_end  # tiles past the routed ones have no rows
+        m = tl.load(perm_ptr + sorted_rows, mask=m_ok, other=0)  # [BM] rows of x and out
+    else:
+        m = pid_m * BM + tl.arange(0, BM)  # [BM] rows of x
+        m_ok = m < M
+        expert = tl.load(ids_ptr + pid_m) if HAS_IDS else 0  # HAS_IDS launches BM = 1
     sl = expert * n_seg + seg
     bits = tl.load(slot_ptr + sl * 3)
     pos = tl.load(slot_ptr + sl * 3 + 1)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)  # [BK]
-        xk = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
+        xk = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k < K)[None, :],
                      other=0.0).to(tl.float32)  # [BM, BK]
         if bits == 2:
             w = _dequant(q2, s2, z2, d16, pos, r, k, R, K, G, GS, 2, HAS_ZERO)
@@ -66,4 +80,4 @@ def packed_mm_kernel(x_ptr, ids_ptr, slot_ptr, out_ptr,
             acc += tl.sum(xk[:, None, :] * w[None, :, :], axis=2)
     n = seg * R + r
     tl.store(out_ptr + m[:, None] * (n_seg * R) + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(m < M)[:, None] & (r < R)[None, :])
+             mask=m_ok[:, None] & (r < R)[None, :])

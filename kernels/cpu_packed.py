@@ -1,4 +1,4 @@
-"""Decode-time CPU kernels that read PackedWeight buffers directly.
+"""CPU kernels that read PackedWeight buffers directly, for decode, batches and prompts.
 
 Legend: M rows of x, K in features, N out features, S routed (token, expert) pairs,
 E experts, R rows per slice, n_b slices stored at b bits.
@@ -10,18 +10,31 @@ bf16. The C++ kernel in ``csrc/packed_gemv.cpp`` instead streams the packed code
 
     y_r = sum_g s_rg * (sum_{j in g} q_rj x_j  -  z_rg * sum_{j in g} x_j),
 
-in fp32 (on AVX2 CPUs, for 16-bit x at 2/3/4/8 bits, in int16 x int16 -> int32 per group:
-see ``int16_path``), parallel over output rows. Two ops expose it (schemas and fakes from
-``moe_ao.kernels._registry``, CPU implementations in ``csrc/packed_ops.cpp``), each with
-a plain-PyTorch reference beside it (dequantize + matmul):
+and serves any number of rows: it groups the rows of x by expert, so each routed slice
+is read once per call, and per slice takes one of two paths (``csrc/packed_driver.h``):
+
+- GEMV passes: each packed row is unpacked once per pass of 4 x rows, in fp32, or on AVX2
+  in integers: int16 x (16-bit x at 2/3/4/8 bits, groups of 64/128; ``int16_path``) or
+  int8 x (W+A8 plans, 2/3/4 bits; ``int8_path``) times the codes, exact int32 sums per
+  group;
+- a tiled GEMM (``csrc/packed_gemm.h``): a tile of 64 rows x 512 codes decoded once to
+  fp32 and multiplied with every x row of the slice, for many rows outside the integer
+  paths (switch-over measured: ``default_gemm_min_rows``).
+
+Two ops expose it (schemas and fakes from ``moe_ao.kernels._registry``, CPU
+implementations in ``csrc/packed_ops.cpp``), each with a plain-PyTorch reference beside
+it (dequantize + matmul; for banks, one expert at a time):
 
 - ``moe_ao::packed_linear``: x [M, K] times a 2D PackedWeight [N, K] -> [M, N];
 - ``moe_ao::packed_experts_linear``: x [S, K], row s times expert ids[s] of a 3D
   PackedWeight [E, N, K] -> [S, N]; slices may mix 2/3/4/8/16 bits.
 
+Both take ``act_bits`` (the weight's): 8 rounds x per token to int8 first, exactly as
+``moe_ao.kernels.activations.quantize_activations``, which the references call.
+
 Ops cannot take the tensor subclass, so the wrappers pass its inner buffers. The
-wrappers use the kernel only for CPU inference with few rows of x (see ``kernel_ok``);
-otherwise, and whenever ``MOE_AO_DISABLE_CPP=1``, they return the reference.
+wrappers use the kernel for CPU inference (see ``kernel_ok``); when a gradient is needed,
+and whenever ``MOE_AO_DISABLE_CPP=1``, they return the reference.
 
 The kernel itself is plain C with no torch headers; ``packed_ops.cpp`` checks the
 buffers and registers the ops with the dispatcher in C++: a call on a 192-wide linear
@@ -36,12 +49,14 @@ Its OpenMP runtime is torch's own (same soname, already loaded), and it runs on
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,30 +65,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_ao.kernels._registry import buffers_of, define_packed_ops, device_and_dtype
+from moe_ao.kernels.activations import quantize_activations
 
 if TYPE_CHECKING:  # typing only: kernels sit below tensors and never import them at runtime
     from moe_ao.tensors.packed import PackedWeight
 
 __all__ = [
     "DISABLE_ENV",
-    "MAX_KERNEL_ROWS",
+    "default_gemm_min_rows",
+    "gemm_min_rows",
+    "int8_path",
     "int16_path",
     "kernel_ok",
     "packed_experts_linear",
     "packed_experts_linear_reference",
     "packed_linear",
     "packed_linear_reference",
+    "vector_lanes",
 ]
 
 DISABLE_ENV = "MOE_AO_DISABLE_CPP"
-# Rows of x (per expert, on average) up to which the wrappers use the kernel. Its cost grows
-# linearly in M (4096x4096 4-bit, one thread: 0.9 ms at M = 1, 8.3 ms at 16, 33 ms at 64),
-# while dequantize + matmul costs about the same for any small M (260 ms eager; 24-56 ms
-# compiled, on 2 threads), so they cross near M = 64 against compiled code. Prefill
-# (hundreds of rows) belongs to dequantize + GEMM; 16 covers decode with a margin.
-MAX_KERNEL_ROWS = 16
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel takes for x and the scales
-_CODES_PER_WORD = {2: 16, 3: 8, 4: 8, 8: 4}  # codes per 32-bit lane word in the kernel
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "packed_gemv.cpp", _CSRC / "packed_ops.cpp"]  # the kernel (plain C), its torch ops
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
@@ -99,7 +111,7 @@ def _load() -> ctypes.CDLL:
 
     Loading registers its CPU kernels for ``moe_ao::packed_linear`` and
     ``moe_ao::packed_experts_linear`` with the dispatcher. Returns the library, whose
-    plain C functions (``moe_ao_int16_path``) are called through ctypes.
+    plain C functions (``moe_ao_integer_path``, ...) are called through ctypes.
 
     Raises:
         RuntimeError: the compiler failed or is missing.
@@ -118,8 +130,12 @@ def _load() -> ctypes.CDLL:
         ) from e
     torch.ops.load_library(path)
     lib = ctypes.CDLL(path)
-    lib.moe_ao_int16_path.argtypes = [ctypes.c_int, ctypes.c_int64]
-    lib.moe_ao_int16_path.restype = ctypes.c_int
+    lib.moe_ao_integer_path.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    lib.moe_ao_integer_path.restype = ctypes.c_int
+    lib.moe_ao_set_gemm_min_rows.argtypes = [ctypes.c_int]
+    lib.moe_ao_set_gemm_min_rows.restype = ctypes.c_int
+    lib.moe_ao_lanes.restype = ctypes.c_int
+    lib.moe_ao_gemm_min_rows.restype = ctypes.c_int
     return lib
 
 
@@ -140,7 +156,19 @@ def int16_path(bits: int, group_size: int) -> bool:
     Raises:
         RuntimeError: the kernel failed to compile.
     """
-    return bits != 16 and bool(_load().moe_ao_int16_path(bits, group_size))
+    return bits != 16 and bool(_load().moe_ao_integer_path(16, bits, group_size))
+
+
+def int8_path(bits: int, group_size: int) -> bool:
+    """Whether the built kernel multiplies ``bits``-bit codes with int8 activations in
+    vpmaddubsw (W+A8 weights, act_bits = 8): on AVX2 builds for 2, 3 and 4 bits at group
+    sizes that are multiples of 64; elsewhere W+A8 rounds x to int8 the same way and
+    multiplies in fp32 (or, at 8 bits, on the int16 path).
+
+    Raises:
+        RuntimeError: the kernel failed to compile.
+    """
+    return bits != 16 and bool(_load().moe_ao_integer_path(8, bits, group_size))
 
 
 # ------------------------------------------------------------------------- the ops
@@ -167,61 +195,108 @@ def _disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "") not in ("", "0")
 
 
-def kernel_ok(x: Tensor, w: PackedWeight, rows: int) -> bool:
-    """Whether the CPU kernel serves ``x`` times ``w`` (else use the reference).
+def kernel_ok(x: Tensor, w: PackedWeight) -> bool:
+    """Whether the CPU kernel serves ``x`` times ``w`` (else use the reference), for any rows of x.
 
     Static properties only (device, dtype, shapes, grad mode), so a compiled model
     specialises on them without graph breaks. The kernel is inference only: with autograd
     recording a grad of x, the differentiable reference runs instead.
     """
     # Cheapest checks first: this runs on every decode call of every packed linear.
-    if not (x.device.type == "cpu" and 1 <= rows <= MAX_KERNEL_ROWS and x.dtype in _DTYPES
+    if not (x.device.type == "cpu" and x.numel() > 0 and x.dtype in _DTYPES
             and x.shape[-1] == w.logical_shape[-1] and not (x.requires_grad and torch.is_grad_enabled())):
         return False
     w_device, w_dtype = device_and_dtype(w)
-    return (
-        w_device == "cpu"
-        and w_dtype in _DTYPES
-        and (w.group_size % 16 == 0  # a multiple of every width's codes per word
-             or all(w.group_size % _CODES_PER_WORD[b] == 0 for b in set(w.slice_bits) if b != 16))
-        and not _disabled()
-    )
+    return w_device == "cpu" and w_dtype in _DTYPES and not _disabled()
+
+
+@contextlib.contextmanager
+def gemm_min_rows(rows: int) -> Iterator[None]:
+    """Within the ``with``, every slice with at least ``rows`` x rows routed to it takes the
+    tiled GEMM, the others the GEMV passes, instead of the measured defaults (see
+    ``csrc/packed_gemv.cpp``); for tests and benchmarks that compare both paths.
+
+    Args:
+        rows: the switch-over (1: the GEMM for every slice; a huge number: the GEMV passes
+            wherever they can serve a slice).
+    """
+    old = _load().moe_ao_set_gemm_min_rows(rows)
+    try:
+        yield
+    finally:
+        _load().moe_ao_set_gemm_min_rows(old)
+
+
+def default_gemm_min_rows() -> int:
+    """Rows per slice from which slices outside the integer path take the tiled GEMM by default."""
+    return int(_load().moe_ao_gemm_min_rows())
+
+
+def vector_lanes() -> int:
+    """fp32 lanes of the built kernel's vectors: 8 (AVX2, NEON) or 16 (AVX-512)."""
+    return int(_load().moe_ao_lanes())
 
 
 def packed_linear_reference(x: Tensor, w: PackedWeight) -> Tensor:
-    """Plain PyTorch: x [..., K] @ dequantize(w [N, K]).T -> [..., N]."""
-    return F.linear(x, w.dequantize(x.dtype))
+    """Plain PyTorch: x [..., K] @ dequantize(w [N, K]).T -> [..., N] (activations quantized
+    first when ``w.act_bits`` asks for it)."""
+    return F.linear(quantize_activations(x, w.act_bits), w.dequantize(x.dtype))
 
 
 def packed_linear(x: Tensor, w: PackedWeight) -> Tensor:
     """x [..., K] times a 2D PackedWeight [N, K] -> [..., N], in x's dtype.
 
-    Uses the CPU kernel for few rows (decode), the reference otherwise.
+    Uses the CPU kernel (any number of rows), or the reference where ``kernel_ok`` says no.
     """
     assert len(w.logical_shape) == 2, f"{w.logical_shape=}"
     N, K = w.logical_shape
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    if not kernel_ok(x2, w, x2.shape[0]):
+    if not kernel_ok(x2, w):
         return packed_linear_reference(x, w)
-    out = torch.ops.moe_ao.packed_linear.default(x2, w.slot, N, w.n_seg, w.group_size, buffers_of(w))
+    out = torch.ops.moe_ao.packed_linear.default(x2, w.slot, N, w.n_seg, w.group_size, buffers_of(w), w.act_bits or 0)
     return out.reshape(*x.shape[:-1], N)
 
 
 def packed_experts_linear_reference(x: Tensor, w: PackedWeight, ids: Tensor) -> Tensor:
-    """Plain PyTorch: dequantize experts ids of w [E, N, K], then bmm with x [S, K] -> [S, N]."""
-    return torch.bmm(w.dequantize_experts(ids).to(x.dtype), x.unsqueeze(-1)).squeeze(-1)
+    """Plain PyTorch: row s of x [S, K] times the dequantized expert ids[s] of w [E, N, K] -> [S, N].
+
+    Never more than one expert's dense weight at a time once S > E: decode (S <= E) gathers
+    the S selected experts and runs a bmm; in eager, rows are grouped by expert and each
+    expert is dequantized and multiplied with its rows; compiled code cannot group by data,
+    so it multiplies every expert with every row and keeps the routed ones (E times the
+    FLOPs: a fallback for gradients and devices without a kernel, not a fast path).
+    """
+    E, N, _ = w.logical_shape
+    x = quantize_activations(x, w.act_bits)
+    if x.shape[0] <= E:
+        return torch.bmm(w.dequantize_experts(ids).to(x.dtype), x.unsqueeze(-1)).squeeze(-1)
+    out = x.new_zeros(x.shape[0], N)
+    if torch.compiler.is_compiling():
+        for e in range(E):
+            y = F.linear(x, w.dequantize_experts(torch.tensor(e, device=ids.device)).to(x.dtype))  # [S, N]
+            out = torch.where((ids == e).unsqueeze(-1), y, out)
+        return out
+    order = torch.argsort(ids, stable=True)
+    start = 0
+    for e, count in enumerate(torch.bincount(ids, minlength=E).tolist()):
+        if count:
+            rows = order[start:start + count]
+            W_e = w.dequantize_experts(torch.tensor(e, device=ids.device)).to(x.dtype)  # [N, K]
+            out = out.index_copy(0, rows, F.linear(x[rows], W_e))
+        start += count
+    return out
 
 
 def packed_experts_linear(x: Tensor, w: PackedWeight, ids: Tensor) -> Tensor:
     """Row s of x [S, K] times expert ids[s] of a 3D PackedWeight [E, N, K] -> [S, N].
 
-    Uses the CPU kernel while rows per expert are few on average (S <= 16 E: decode),
-    the reference otherwise.
+    Uses the CPU kernel for any S (it groups rows by expert and reads each routed slice
+    once), or the reference where ``kernel_ok`` says no.
     """
     assert len(w.logical_shape) == 3 and x.dim() == 2 and ids.shape == x.shape[:1], (
         f"{w.logical_shape=} {x.shape=} {ids.shape=}"
     )
-    E, N, K = w.logical_shape
-    if not kernel_ok(x, w, -(-x.shape[0] // E)):
+    if not kernel_ok(x, w):
         return packed_experts_linear_reference(x, w, ids)
-    return torch.ops.moe_ao.packed_experts_linear.default(x, ids, w.slot, N, w.n_seg, w.group_size, buffers_of(w))
+    return torch.ops.moe_ao.packed_experts_linear.default(x, ids, w.slot, w.logical_shape[1], w.n_seg,
+                                                          w.group_size, buffers_of(w), w.act_bits or 0)

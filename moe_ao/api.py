@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -58,7 +58,8 @@ class QuantizationReport:
 
 def rtn_unit(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantization of one unit's weight W [out, in] by its spec."""
-    return rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype=scale_dtype_for(W.dtype))
+    q = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype=scale_dtype_for(W.dtype))
+    return replace(q, act_bits=spec.act_bits)
 
 
 def _check_ties(model: nn.Module, plan: Plan, all_units: list[Unit]) -> None:

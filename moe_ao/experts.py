@@ -5,13 +5,16 @@ transformers 5 dispatches ``Experts.forward`` through ``ExpertsInterface`` by
 call ops on the raw weights (``transpose`` + ``torch._grouped_mm``) that a packed tensor
 would have to emulate op by op, and its ``eager`` loop breaks the graph on ``nonzero``.
 ``quantize_`` therefore registers this implementation as ``"moe_ao"`` and selects it.
-It touches weights only through indexing (``w[ids]``), which a PackedWeight answers
-with dense dequantized experts, so it serves plain and packed weights alike:
+It touches plain weights only through indexing and packed ones only through the packed
+kernels, so it serves both, at any number of tokens:
 
-- decode (few routed pairs): a packed bank is read directly by a kernel, with no dense
-  copy (``moe_ao.kernels.triton_packed`` on CUDA, ``moe_ao.kernels.cpu_packed`` on CPU);
-  plain weights use the selected experts and bmm;
-- prefill: dequantize the bank once and run a grouped matmul over sorted tokens.
+- packed banks (PackedWeight): one op per projection, whatever the routing. On CPU the
+  C++ kernel groups the routed rows by expert and reads each routed slice's codes once per
+  call (GEMV passes for few rows, a tiled GEMM for many; ``moe_ao.kernels.cpu_packed``);
+  on CUDA the Triton kernel; elsewhere, or when a gradient is needed, the reference, which
+  dequantizes one expert at a time. The bank is never expanded whole.
+- plain banks: decode multiplies the selected experts with bmm; prefill sorts the tokens
+  by expert and runs a grouped matmul.
 
 Shapes: T tokens, k = top-k, S = T*k routed pairs, E experts, H hidden, I intermediate.
 """
@@ -22,30 +25,62 @@ import torch
 
 from moe_ao.kernels import triton_packed
 from moe_ao.kernels._registry import device_and_dtype
-from moe_ao.kernels.cpu_packed import packed_experts_linear
+from moe_ao.kernels.cpu_packed import packed_experts_linear, packed_experts_linear_reference
 from moe_ao.kernels.grouped_mm import grouped_mm
 from moe_ao.tensors.packed import PackedWeight
 
 IMPLEMENTATION = "moe_ao"
 
 
-def dense_bank(w: torch.Tensor) -> torch.Tensor:
-    """All experts of a (possibly packed) [E, N, K] bank as a dense tensor."""
-    return w.dequantize() if isinstance(w, PackedWeight) else w
-
-
-def _experts_matvec(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Row s of x [S, K] times expert ids[s] of bank [E, N, K] -> [S, N]."""
-    if isinstance(bank, PackedWeight):  # kernels read the packed codes: no dense copy
-        if triton_packed.triton_ok(x, bank, x.shape[0]):
-            return triton_packed.packed_experts_linear(x, bank, ids)
-        if device_and_dtype(bank)[0] == "cpu":
-            return packed_experts_linear(x, bank, ids)  # the C++ kernel, or its reference
-    return torch.bmm(bank[ids], x.unsqueeze(-1)).squeeze(-1)
+def _packed_experts(bank: PackedWeight, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row s of x [S, K] times expert ids[s] of a packed bank [E, N, K] -> [S, N], any S."""
+    if triton_packed.triton_ok(x, bank, None):
+        return triton_packed.packed_experts_linear(x, bank, ids)
+    if device_and_dtype(bank)[0] == "cpu":
+        return packed_experts_linear(x, bank, ids)  # the C++ kernel, or its reference
+    return packed_experts_linear_reference(x, bank, ids)
 
 
 def _activate(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module._apply_gate(h) if module.has_gate else module.act_fn(h)
+
+
+def _plain_experts(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row s of x [S, K] times expert ids[s] of a plain bank [E, N, K] -> [S, N]."""
+    E = bank.shape[0]
+    if x.shape[0] <= E:  # decode: the S selected experts and a bmm
+        return torch.bmm(bank[ids], x.unsqueeze(-1)).squeeze(-1)
+    ids_sorted, perm = torch.sort(ids)
+    counts = torch.histc(ids_sorted.float(), bins=E, min=0, max=E - 1)
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
+    out_sorted = grouped_mm(x[perm], bank.transpose(1, 2), offs)  # rows grouped by expert
+    out = torch.empty_like(out_sorted)
+    out[perm] = out_sorted
+    return out
+
+
+def _experts(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row s of x [S, K] times expert ids[s] of a plain or packed bank [E, N, K] -> [S, N]."""
+    return _packed_experts(bank, x, ids) if isinstance(bank, PackedWeight) else _plain_experts(bank, x, ids)
+
+
+def _dense_experts(module: torch.nn.Module, up_bank: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """Plain banks: hidden [T, H] -> routed pairs [S, H] in pair order. Prefill sorts once and
+    keeps the sorted order through both projections (the gate's nonlinearity directly
+    follows its matmul: moe_ao.passes reads the MLP's structure from that dataflow)."""
+    if ids.shape[0] <= module.num_experts:
+        x = hidden.repeat_interleave(k, dim=0)  # [S, H]
+        return _plain_experts(module.down_proj, _activate(module, _plain_experts(up_bank, x, ids)), ids)
+    ids_sorted, perm = torch.sort(ids)
+    x = hidden[perm // k]  # [S, H], grouped by expert
+    counts = torch.histc(ids_sorted.float(), bins=module.num_experts, min=0, max=module.num_experts - 1)
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
+    h = _activate(module, grouped_mm(x, up_bank.transpose(1, 2), offs))  # [S, I]
+    out_sorted = grouped_mm(h, module.down_proj.transpose(1, 2), offs)  # [S, H]
+    out = torch.empty_like(out_sorted)
+    out[perm] = out_sorted
+    return out
 
 
 def moe_ao_experts_forward(
@@ -59,22 +94,12 @@ def moe_ao_experts_forward(
     k = top_k_index.shape[-1]
     ids = top_k_index.reshape(-1)  # [S]
     up_bank = self.gate_up_proj if self.has_gate else self.up_proj  # [E, 2I or I, H]
-    if T * k <= self.num_experts:
-        # Decode: reading S experts beats dequantizing all E of them.
-        x = hidden_states.repeat_interleave(k, dim=0)  # [S, H]
-        h = _experts_matvec(up_bank, x, ids)  # [S, 2I]
-        h = _activate(self, h)
-        out = _experts_matvec(self.down_proj, h, ids)  # [S, H]
+    if isinstance(up_bank, PackedWeight) or isinstance(self.down_proj, PackedWeight):
+        x = hidden_states.repeat_interleave(k, dim=0)  # [S, H]; the kernels group rows by expert themselves
+        h = _activate(self, _experts(up_bank, x, ids))  # [S, 2I] -> [S, I]
+        out = _experts(self.down_proj, h, ids)  # [S, H]
     else:
-        ids_sorted, perm = torch.sort(ids)
-        x = hidden_states[perm // k]  # [S, H], grouped by expert
-        counts = torch.histc(ids_sorted.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
-        offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
-        h = grouped_mm(x, dense_bank(up_bank).transpose(1, 2), offs)  # [S, 2I]
-        h = _activate(self, h)
-        out_sorted = grouped_mm(h, dense_bank(self.down_proj).transpose(1, 2), offs)  # [S, H]
-        out = torch.empty_like(out_sorted)
-        out[perm] = out_sorted
+        out = _dense_experts(self, up_bank, hidden_states, ids, k)
     out = out.view(T, k, H) * top_k_weights.unsqueeze(-1).to(out.dtype)
     return out.sum(dim=1).to(hidden_states.dtype)
 

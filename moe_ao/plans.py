@@ -20,6 +20,8 @@ JSON format (version 1), meant to be edited by hand::
 
 A unit's value is either its bit width (the defaults fill in the rest) or an object
 overriding any spec field. Bits 16 means "keep this unit in floating point" explicitly.
+``"act_bits": 8`` (per unit, or in ``defaults`` for every quantized unit) also quantizes
+the unit's input activations per token to int8 at run time (W+A, e.g. W4A8).
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ from moe_ao.discovery import as_units
 PLAN_FORMAT = "moe_ao.plan"
 PLAN_VERSION = 1
 ALLOWED_BITS = (2, 3, 4, 8, 16)
+ALLOWED_ACT_BITS = (None, 8)  # None: activations stay in the model dtype
 FLOAT_BITS = 16  # "not quantized": the unit keeps its floating-point weight
 ROUTER_MIN_BITS = 8  # routers below 8 bits flip top-k choices; needs an explicit opt-in
 SCALE_BITS = 16  # scales are stored in the model's 16-bit dtype
 ZERO_BITS = 8  # asymmetric zero points are stored as uint8
 # The JSON form's keys; anything else is refused by name (a typo must not be ignored).
 TOP_KEYS = ("format", "version", "defaults", "allow_low_bit_router", "units", "meta")
-DEFAULT_KEYS = ("group_size", "symmetric")
+DEFAULT_KEYS = ("group_size", "symmetric", "act_bits")
 
 
 def _unknown_key_error(where: str, key: str, allowed: Iterable[str]) -> ValueError:
@@ -78,11 +81,14 @@ class QuantSpec:
         bits: 2, 3, 4 or 8 for integer codes; 16 keeps the unit in floating point.
         group_size: input columns sharing one scale (and zero point).
         symmetric: implicit zero point (True) or a stored uint8 zero point (False).
+        act_bits: None, or 8 to quantize the unit's input activations per token to
+            symmetric int8 at run time (quantized units only).
     """
 
     bits: int
     group_size: int = 128
     symmetric: bool = True
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
         # Normalised here (numpy / torch integers become int) so that a plan always saves as JSON.
@@ -98,6 +104,10 @@ class QuantSpec:
         object.__setattr__(self, "bits", bits)
         object.__setattr__(self, "group_size", group_size)
         object.__setattr__(self, "symmetric", _as_bool(self.symmetric, "symmetric"))
+        if isinstance(self.act_bits, bool) or self.act_bits not in ALLOWED_ACT_BITS:
+            raise ValueError(f"act_bits={self.act_bits!r} is not supported; allowed: {ALLOWED_ACT_BITS}")
+        if self.act_bits is not None and not self.quantized:
+            raise ValueError(f"act_bits={self.act_bits} needs quantized weights; bits={self.bits} keeps the unit float")
 
     @property
     def quantized(self) -> bool:
@@ -119,6 +129,7 @@ class Plan(Mapping[str, QuantSpec]):
         units: unit name -> bits (int) or QuantSpec or a dict of QuantSpec fields.
         group_size: default group size for units given as plain bits.
         symmetric: default symmetry for units given as plain bits.
+        act_bits: default activation bits of the quantized units (None or 8).
         allow_low_bit_router: permit routers below 8 bits.
         meta: free-form provenance (strategy, budget, scores), saved with the plan.
 
@@ -134,9 +145,10 @@ class Plan(Mapping[str, QuantSpec]):
         symmetric: bool = True,
         allow_low_bit_router: bool = False,
         meta: Mapping[str, Any] | None = None,
+        act_bits: int | None = None,
     ) -> None:
         try:
-            self.defaults = QuantSpec(bits=4, group_size=group_size, symmetric=symmetric)
+            self.defaults = QuantSpec(bits=4, group_size=group_size, symmetric=symmetric, act_bits=act_bits)
         except (ValueError, TypeError) as e:
             raise ValueError(f"plan defaults: {e}") from None
         self.allow_low_bit_router = _as_bool(allow_low_bit_router, "allow_low_bit_router")
@@ -169,8 +181,13 @@ class Plan(Mapping[str, QuantSpec]):
                     raise _unknown_key_error("spec", key, allowed)
             if "bits" not in value:
                 raise ValueError(f"spec {dict(value)!r} lacks 'bits'")
-            return QuantSpec(**(base | dict(value)))
-        return QuantSpec(bits=value, **base)
+            return QuantSpec(**(base | self._default_act(value["bits"]) | dict(value)))
+        return QuantSpec(bits=value, **base, **self._default_act(value))
+
+    def _default_act(self, bits: Any) -> dict[str, Any]:
+        """The default act_bits, for quantized bits only (a float unit has no activations to quantize)."""
+        quantized = bits in ALLOWED_BITS and bits != FLOAT_BITS
+        return {"act_bits": self.defaults.act_bits} if quantized and self.defaults.act_bits is not None else {}
 
     # Mapping protocol
     def __getitem__(self, name: str) -> QuantSpec:
@@ -231,10 +248,11 @@ class Plan(Mapping[str, QuantSpec]):
                 )
             if unit.expert is not None and unit.fused and spec.quantized:
                 other = fused.setdefault(unit.param, (name, spec))
-                if (other[1].group_size, other[1].symmetric) != (spec.group_size, spec.symmetric):
+                if (other[1].group_size, other[1].symmetric, other[1].act_bits) != (
+                        spec.group_size, spec.symmetric, spec.act_bits):
                     raise ValueError(
                         f"{name} and {other[0]} share the fused parameter {unit.param} and must use the"
-                        f" same group_size and symmetric; got {spec} vs {other[1]}"
+                        f" same group_size, symmetric and act_bits; got {spec} vs {other[1]}"
                     )
 
     # Accounting
@@ -266,14 +284,21 @@ class Plan(Mapping[str, QuantSpec]):
         """The versioned JSON-ready form (plain bits where a spec equals the defaults)."""
         units: dict[str, Any] = {}
         for name, spec in self._specs.items():
-            if (spec.group_size, spec.symmetric) == (self.defaults.group_size, self.defaults.symmetric):
+            if self._as_spec(spec.bits) == spec:
                 units[name] = spec.bits
             else:
-                units[name] = asdict(spec)
+                # act_bits is written when it is not what plain bits would get (plans without W+A stay as before)
+                fields = asdict(spec)
+                if fields["act_bits"] == self._default_act(spec.bits).get("act_bits"):
+                    del fields["act_bits"]
+                units[name] = fields
+        defaults = {"group_size": self.defaults.group_size, "symmetric": self.defaults.symmetric}
+        if self.defaults.act_bits is not None:
+            defaults["act_bits"] = self.defaults.act_bits
         return {
             "format": PLAN_FORMAT,
             "version": PLAN_VERSION,
-            "defaults": {"group_size": self.defaults.group_size, "symmetric": self.defaults.symmetric},
+            "defaults": defaults,
             "allow_low_bit_router": self.allow_low_bit_router,
             "units": units,
             "meta": self.meta,
@@ -320,6 +345,7 @@ class Plan(Mapping[str, QuantSpec]):
                 data["units"],
                 group_size=defaults.get("group_size", 128),
                 symmetric=defaults.get("symmetric", True),
+                act_bits=defaults.get("act_bits"),
                 allow_low_bit_router=data.get("allow_low_bit_router", False),
                 meta=data.get("meta", {}),
             )

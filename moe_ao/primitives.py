@@ -37,6 +37,8 @@ class QuantizedWeight:
         zero: uint8 [..., R, G] for asymmetric, None for symmetric.
         bits: bit width.
         group_size: columns per group.
+        act_bits: None, or 8 when the plan quantizes this unit's input activations per
+            token to int8 (W+A); carried to the packed weight, unused by quantizers.
     """
 
     codes: torch.Tensor
@@ -44,6 +46,7 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     bits: int
     group_size: int
+    act_bits: int | None = None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Returns the dequantized weight [..., R, K]."""

@@ -228,3 +228,26 @@ def test_storage_bits():
 
 def test_repr_shows_histogram():
     assert repr(Plan({"a": 2, "b": 2, "c": 4})) == "Plan(3 units, bits histogram {2: 2, 4: 1})"
+
+
+# ------------------------------------------------------------------ act_bits (W+A)
+def test_act_bits_per_unit_and_default_round_trip():
+    plan = Plan({"a": 4, "b": {"bits": 2, "act_bits": 8}, "c": 16}, group_size=32)
+    assert plan["a"].act_bits is None and plan["b"].act_bits == 8 and plan["c"].act_bits is None
+    assert Plan.from_json(plan.to_json()) == plan
+    assert "act_bits" not in plan.to_dict()["defaults"] and plan.to_dict()["units"]["a"] == 4
+    w4a8 = Plan({"a": 4, "b": {"bits": 2, "act_bits": None}, "c": 16}, act_bits=8)
+    assert w4a8["a"].act_bits == 8 and w4a8["b"].act_bits is None
+    assert w4a8["c"].act_bits is None  # float units keep float activations
+    assert w4a8.to_dict()["defaults"]["act_bits"] == 8 and w4a8.to_dict()["units"]["a"] == 4
+    back = Plan.from_json(w4a8.to_json())
+    assert back == w4a8 and back["a"].act_bits == 8 and back["b"].act_bits is None
+
+
+def test_act_bits_rejects_bad_values():
+    with pytest.raises(ValueError, match=r"act_bits=4 is not supported; allowed: \(None, 8\)"):
+        Plan({"a": {"bits": 4, "act_bits": 4}})
+    with pytest.raises(ValueError, match="act_bits=8 needs quantized weights; bits=16"):
+        QuantSpec(16, act_bits=8)
+    with pytest.raises(ValueError, match="act_bits=True"):
+        QuantSpec(4, act_bits=True)

@@ -249,6 +249,7 @@ void dense_row(const void* wrow, int64_t K, const float* const* x, float* dots) 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 #define MOE_AO_INT16 1
 #include "packed_gemv_int16.h"
+#include "packed_gemv_int8.h"
 #endif
 
 // ---------------------------------------------------------------------------- driver
@@ -265,6 +266,7 @@ struct Task {  // one slice times the x rows routed to it
   int64_t pos, col0;
   const int64_t* rows;
   int nrows;
+  bool gemm;  // decode tiles once for all rows (packed_gemm.h) instead of the GEMV row passes
 };
 
 // 64-byte aligned float storage: x is read in whole 64-byte vectors, never split over two lines.
@@ -279,23 +281,45 @@ template <class T> struct Aligned64 {
 };
 using AlignedFloats = std::vector<float, Aligned64<float>>;
 
+// An uninitialised 64-byte aligned array: rows only some tasks need are never written, so
+// their pages are never touched and cost no memory (a prompt's x is large).
+template <class T> struct RawArray {
+  T* p = nullptr;
+  RawArray() = default;
+  RawArray(const RawArray&) = delete;
+  RawArray& operator=(const RawArray&) = delete;
+  ~RawArray() { ::operator delete(p, std::align_val_t(64)); }
+  void allocate(size_t n) { p = static_cast<T*>(::operator new(std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(64))); }
+  T* data() const { return p; }
+};
+
 struct Problem {
-  const float* x;
-  int64_t M, K, N, R, G, gs;
+  const float* x;  // [M, Kx] fp32, zero beyond K
+  int64_t M, K, Kx, N, R, G, gs;
   int wdtype;
   Buffers buf[N_WIDTHS];
-  AlignedFloats xp[N_WIDTHS];  // [M, xp_stride] x in lane order, per width
+  RawArray<float> xp[N_WIDTHS];  // [M, xp_stride] x in lane order, per width (rows of GEMV tasks only)
   int64_t xp_stride[N_WIDTHS] = {};
   std::vector<float> xsum;  // [M, G_pad] group sums of x
   int64_t G_pad = 0;
 #ifdef MOE_AO_INT16
-  bool int16[N_WIDTHS] = {};                           // widths taking the integer path
-  std::vector<int16_t, Aligned64<int16_t>> xq[N_WIDTHS];  // [M, K] x as int16, in madd order
-  std::vector<float> xs;                               // [M, G] per-group x scales
-  std::vector<int32_t> xisum;                          // [M, G] per-group sums of int16 x
+  int ipath[N_WIDTHS] = {};          // integer path of each width's GEMV tasks: 8, 16 or 0 (fp32)
+  RawArray<int16_t> xq[N_WIDTHS];    // [M, K] x as int16, in madd order (rows of GEMV tasks only)
+  RawArray<int8_t> xq8[N_WIDTHS];    // [M, K] x as int8, in maddubs order (act_bits = 8)
+  RawArray<float> xs;                // [M, G] per-group x scales of the int16 path
 #endif
-  float* out;
+  int act_bits = 0;                  // 8: x rounded per token to int8 (W+A8)
+  RawArray<float> xtok;              // [M] per-token x scales (act_bits = 8)
+  RawArray<int32_t> xisum;           // [M, G] per-group sums of the integer x
+  void* out;   // [M, N] in odtype
+  int odtype;  // coded as DType
 };
+
+// out[idx] = v in the output dtype (16 bits: rounded to nearest even, as torch rounds).
+inline void put(const Problem& P, int64_t idx, float v) {
+  if (P.odtype == F32) static_cast<float*>(P.out)[idx] = v;
+  else from_f32(P.odtype, &v, 1, static_cast<uint16_t*>(P.out) + idx);
+}
 
 // Calls pass(first, std::integral_constant<int, MT>{}) over the task's x rows: passes of
 // MAX_MT rows, then one of the 1-3 left, so that each pass's MT is a compile-time count.
@@ -317,6 +341,8 @@ void load_scales(const Problem& P, const Buffers& B, int64_t row, float* dst) {
                 P.G_pad + LANES);
 }
 
+#include "packed_gemm.h"
+
 #ifdef MOE_AO_INT16
 template <int BITS, int MT>
 void int16_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const float* srow, const uint8_t* zrow,
@@ -333,26 +359,65 @@ void int16_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const floa
   }
   float dots[MT];
   int16_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, dots);
-  for (int i = 0; i < MT; ++i) P.out[t.rows[first + i] * P.N + t.col0 + r] = dots[i];
+  for (int i = 0; i < MT; ++i) put(P, t.rows[first + i] * P.N + t.col0 + r, dots[i]);
+}
+
+// The GEMV passes below loop over passes of MAX_MT x rows outside the tile's weight rows:
+// those x rows (MAX_MT x K, 32 KB of int16 at K = 4096) are then reused from L1/L2 by the
+// tile's 16 weight rows. Weight rows outside made a slice with 64 rows re-read 512 KB of x
+// per weight row from L3 (22 instead of 33 GMAC/s, 2-bit 14336 x 4096, one thread).
+// Rows r0..r1 of the task's slice on an integer path: the rows' scales once, then
+// row_mt<MT>(packed row, its scales, its zero points, r, first x row) per pass of x rows.
+template <int BITS, class RowMT>
+void integer_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf, RowMT&& row_mt) {
+  const Buffers& B = P.buf[width_index(BITS)];
+  const int64_t Kb = P.K / 8 * BITS, SP = P.G_pad + LANES;
+  for (int64_t r = r0; r < r1; ++r) load_scales(P, B, t.pos * P.R + r, sbuf.data() + (r - r0) * SP);
+  by_passes(t.nrows, [&](int first, auto mt) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t row = t.pos * P.R + r;
+      row_mt(mt, B.q + row * Kb, sbuf.data() + (r - r0) * SP, B.z ? B.z + row * P.G : nullptr, r, first);
+    }
+  });
+}
+
+template <int BITS, int MT>
+void int8_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const float* srow, const uint8_t* zrow,
+                  int64_t r, int first) {
+  const int wi = width_index(BITS);
+  const int8_t* xq[MT];
+  float xs[MT];
+  const int32_t* isum[MT];
+  for (int i = 0; i < MT; ++i) {
+    const int64_t m = t.rows[first + i];
+    xq[i] = P.xq8[wi].data() + m * P.K;
+    xs[i] = P.xtok.data()[m];
+    isum[i] = P.xisum.data() + m * P.G;
+  }
+  float dots[MT];
+  int8_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, dots);
+  for (int i = 0; i < MT; ++i) put(P, t.rows[first + i] * P.N + t.col0 + r, dots[i]);
 }
 
 template <int BITS>
 void int16_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf) {
-  const Buffers& B = P.buf[width_index(BITS)];
-  const int64_t Kb = P.K / 8 * BITS;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t row = t.pos * P.R + r;
-    load_scales(P, B, row, sbuf.data());
-    const uint8_t* zrow = B.z ? B.z + row * P.G : nullptr;
-    by_passes(t.nrows, [&](int first, auto mt) {
-      int16_rows_mt<BITS, decltype(mt)::value>(P, t, B.q + row * Kb, sbuf.data(), zrow, r, first);
-    });
-  }
+  integer_rows<BITS>(P, t, r0, r1, sbuf, [&](auto mt, const uint8_t* q, const float* s, const uint8_t* z, int64_t r,
+                                             int first) {
+    int16_rows_mt<BITS, decltype(mt)::value>(P, t, q, s, z, r, first);
+  });
+}
+
+template <int BITS>
+void int8_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf) {
+  integer_rows<BITS>(P, t, r0, r1, sbuf, [&](auto mt, const uint8_t* q, const float* s, const uint8_t* z, int64_t r,
+                                             int first) {
+    int8_rows_mt<BITS, decltype(mt)::value>(P, t, q, s, z, r, first);
+  });
 }
 #endif
 
 template <int BITS, int MT>
-void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow, const vf* zterm,
+void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow, const float* sz, float zsym,
                    const ScaleMap& sm, int first) {
   const int wi = width_index(BITS);
   const Buffers& B = P.buf[wi];
@@ -360,45 +425,48 @@ void quant_rows_mt(const Problem& P, const Task& t, int64_t r, const float* srow
   const uint8_t* q = B.q + (t.pos * P.R + r) * Kb;
   const uint8_t* qend = B.q + B.n * P.R * Kb;
   const float* xp[MT];
-  for (int i = 0; i < MT; ++i) xp[i] = P.xp[wi].data() + t.rows[first + i] * P.xp_stride[wi];
+  vf zterm[MT];
+  for (int i = 0; i < MT; ++i) {
+    const int64_t m = t.rows[first + i];
+    xp[i] = P.xp[wi].data() + m * P.xp_stride[wi];
+    // zero-point term: sum_g s_g z_g xsum_g (symmetric: z is the constant zsym), reduced with the dot product
+    const float* xsm = P.xsum.data() + m * P.G_pad;
+    vf a = vf{};
+    for (int64_t g = 0; g < P.G_pad; g += LANES) a += load_f32(sz + g) * load_f32(xsm + g);
+    zterm[i] = a * zsym;
+  }
   float dots[MT];
-  dot_row<BITS, MT>(q, Kb, qend, xp, n_blocks(P.K, BITS), srow, sm, zterm + first, dots);
-  for (int i = 0; i < MT; ++i) P.out[t.rows[first + i] * P.N + t.col0 + r] = dots[i];
+  dot_row<BITS, MT>(q, Kb, qend, xp, n_blocks(P.K, BITS), srow, sm, zterm, dots);
+  for (int i = 0; i < MT; ++i) put(P, t.rows[first + i] * P.N + t.col0 + r, dots[i]);
 }
 
 template <int BITS>
-void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
-                std::vector<vf>& zterm) {
+void quant_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf) {
 #ifdef MOE_AO_INT16
-  if (P.int16[width_index(BITS)]) return int16_rows<BITS>(P, t, r0, r1, sbuf);
+  if (P.ipath[width_index(BITS)] == 16) return int16_rows<BITS>(P, t, r0, r1, sbuf);
+  if constexpr (BITS <= 4)
+    if (P.ipath[width_index(BITS)] == 8) return int8_rows<BITS>(P, t, r0, r1, sbuf);
 #endif
   const Buffers& B = P.buf[width_index(BITS)];
   const ScaleMap sm(BITS, P.gs, n_blocks(P.K, BITS));
-  const float zsym = float(1 << (BITS - 1));
+  const int64_t SP = P.G_pad + LANES;
+  // Per tile row: its scales, then s_g z_g (asymmetric; symmetric uses the scales and zsym).
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = t.pos * P.R + r;
-    float* srow = sbuf.data();
+    float* srow = sbuf.data() + 2 * (r - r0) * SP;
     load_scales(P, B, row, srow);
-    // zero-point term per x row: sum_g s_g z_g xsum_g (symmetric: z is the constant zsym)
-    const float* sz = srow;
     if (B.z) {
       const uint8_t* zrow = B.z + row * P.G;
-      float* szbuf = srow + P.G_pad + LANES;
-      for (int64_t g = 0; g < P.G; ++g) szbuf[g] = srow[g] * float(zrow[g]);
-      for (int64_t g = P.G; g < P.G_pad; ++g) szbuf[g] = 0.f;
-      sz = szbuf;
+      for (int64_t g = 0; g < P.G_pad; ++g) srow[SP + g] = g < P.G ? srow[g] * float(zrow[g]) : 0.f;
     }
-    for (int i = 0; i < t.nrows; ++i) {
-      const float* xs = P.xsum.data() + t.rows[i] * P.G_pad;
-      vf a = vf{};
-      for (int64_t g = 0; g < P.G_pad; g += LANES) a += load_f32(sz + g) * load_f32(xs + g);
-      zterm[size_t(i)] = B.z ? a : a * zsym;  // reduced together with the row's dot product
-    }
-    // One packed row times all the task's x rows, MAX_MT x rows per pass over the row.
-    by_passes(t.nrows, [&](int first, auto mt) {
-      quant_rows_mt<BITS, decltype(mt)::value>(P, t, r, srow, zterm.data(), sm, first);
-    });
   }
+  const float zsym = B.z ? 1.f : float(1 << (BITS - 1));
+  by_passes(t.nrows, [&](int first, auto mt) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* srow = sbuf.data() + 2 * (r - r0) * SP;
+      quant_rows_mt<BITS, decltype(mt)::value>(P, t, r, srow, B.z ? srow + SP : srow, zsym, sm, first);
+    }
+  });
 }
 
 template <int DT, int MT>
@@ -406,25 +474,26 @@ void dense_rows_mt(const Problem& P, const Task& t, int64_t r, int first) {
   const int64_t esize = DT == F32 ? 4 : 2;
   const void* wrow = static_cast<const char*>(P.buf[N_WIDTHS - 1].d16) + (t.pos * P.R + r) * P.K * esize;
   const float* x[MT];
-  for (int i = 0; i < MT; ++i) x[i] = P.x + t.rows[first + i] * P.K;
+  for (int i = 0; i < MT; ++i) x[i] = P.x + t.rows[first + i] * P.Kx;
   float dots[MT];
   dense_row<DT, MT>(wrow, P.K, x, dots);
-  for (int i = 0; i < MT; ++i) P.out[t.rows[first + i] * P.N + t.col0 + r] = dots[i];
+  for (int i = 0; i < MT; ++i) put(P, t.rows[first + i] * P.N + t.col0 + r, dots[i]);
 }
 
 template <int DT>
 void dense_rows(const Problem& P, const Task& t, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r)
-    by_passes(t.nrows, [&](int first, auto mt) { dense_rows_mt<DT, decltype(mt)::value>(P, t, r, first); });
+  by_passes(t.nrows, [&](int first, auto mt) {
+    for (int64_t r = r0; r < r1; ++r) dense_rows_mt<DT, decltype(mt)::value>(P, t, r, first);
+  });
 }
 
-void run_tile(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf,
-              std::vector<vf>& zterm) {
+// Rows r0..r1 (at most TILE) of the task's slice times all its x rows, by GEMV passes.
+void run_tile(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vector<float>& sbuf) {
   switch (t.bits) {
-    case 2: quant_rows<2>(P, t, r0, r1, sbuf, zterm); break;
-    case 3: quant_rows<3>(P, t, r0, r1, sbuf, zterm); break;
-    case 4: quant_rows<4>(P, t, r0, r1, sbuf, zterm); break;
-    case 8: quant_rows<8>(P, t, r0, r1, sbuf, zterm); break;
+    case 2: quant_rows<2>(P, t, r0, r1, sbuf); break;
+    case 3: quant_rows<3>(P, t, r0, r1, sbuf); break;
+    case 4: quant_rows<4>(P, t, r0, r1, sbuf); break;
+    case 8: quant_rows<8>(P, t, r0, r1, sbuf); break;
     default:
       if (P.wdtype == BF16) dense_rows<BF16>(P, t, r0, r1);
       else if (P.wdtype == F16) dense_rows<F16>(P, t, r0, r1);
@@ -432,145 +501,6 @@ void run_tile(const Problem& P, const Task& t, int64_t r0, int64_t r1, std::vect
   }
 }
 
-int fail(char* err, int64_t err_len, const char* msg) {
-  std::snprintf(err, size_t(err_len), "%s", msg);
-  return 1;
-}
-
 }  // namespace
 
-// 1 if the integer path serves `bits` at `group_size` on this build, else 0.
-extern "C" int moe_ao_int16_path(int bits, int64_t group_size) {
-#ifdef MOE_AO_INT16
-  return int16_path(bits, group_size) ? 1 : 0;
-#else
-  (void)bits;
-  (void)group_size;
-  return 0;
-#endif
-}
-
-// y[m, seg*R + r] = x[m] . W[ids[m]][seg*R + r]  for every x row m, segment seg, row r.
-//
-// x: [M, K] in xdtype (0 fp32, 1 bf16, 2 fp16); ids: int64 [M] expert of each x row, or
-// NULL (a 2D weight: expert 0); slot: int32 [n_slices, 3] (bits, row in its buffer, -),
-// n_slices = E * n_seg; bufs: 13 pointers q2 s2 z2 q3 s3 z3 q4 s4 z4 q8 s8 z8 d16 (NULL
-// when absent); counts: entries n_b of the 2, 3, 4, 8, 16-bit buffers; wdtype: dtype of
-// the scales and d16, coded as xdtype; out: [M, n_seg*R] in xdtype, rounded to nearest
-// even from the fp32 sums. A 16-bit x may take the integer path (rounded to int16, which
-// such an x cannot tell apart); fp32 x keeps exact fp32 arithmetic. Returns 0, or 1 with
-// a message in err.
-extern "C" int moe_ao_packed_mm(const void* x, int xdtype, int64_t M, int64_t K, const int64_t* ids,
-                                const int32_t* slot, int64_t n_slices, int64_t n_seg, int64_t R, int64_t group_size,
-                                int wdtype, const void* const* bufs, const int64_t* counts, int n_threads, void* out,
-                                char* err, int64_t err_len) {
-  if (M <= 0 || K <= 0 || R <= 0 || n_seg <= 0 || n_slices % n_seg != 0) return fail(err, err_len, "bad shapes");
-  if (group_size <= 0 || K % group_size != 0) return fail(err, err_len, "group_size must divide K");
-  const int64_t E = n_slices / n_seg;
-  const int x_16bit = xdtype != F32;
-  // Converting here, not in torch: each torch conversion op cost ~3 us of dispatch per call.
-  std::vector<float> xbuf, obuf;
-  if (x_16bit) {
-    xbuf.resize(size_t(M * K));
-    scales_to_f32(xdtype, x, M * K, xbuf.data(), M * K);
-    obuf.resize(size_t(M * n_seg * R));
-  }
-  Problem P;
-  P.x = x_16bit ? xbuf.data() : static_cast<const float*>(x);
-  P.M = M;
-  P.K = K;
-  P.R = R;
-  P.N = n_seg * R;
-  P.gs = group_size;
-  P.G = K / group_size;
-  P.G_pad = (P.G + LANES - 1) / LANES * LANES;
-  P.wdtype = wdtype;
-  P.out = x_16bit ? obuf.data() : static_cast<float*>(out);
-  for (int i = 0; i < N_WIDTHS - 1; ++i) {
-    P.buf[i].q = static_cast<const uint8_t*>(bufs[3 * i]);
-    P.buf[i].s = bufs[3 * i + 1];
-    P.buf[i].z = static_cast<const uint8_t*>(bufs[3 * i + 2]);
-    P.buf[i].n = counts[i];
-  }
-  P.buf[N_WIDTHS - 1].d16 = bufs[12];
-  P.buf[N_WIDTHS - 1].n = counts[N_WIDTHS - 1];
-
-  // Group x rows by expert so that each selected slice is read once per call.
-  std::vector<int64_t> order(size_t(M), 0);
-  std::iota(order.begin(), order.end(), int64_t(0));
-  if (ids) {
-    for (int64_t m = 0; m < M; ++m)
-      if (ids[m] < 0 || ids[m] >= E) return fail(err, err_len, "expert id out of range");
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
-  }
-  std::vector<Task> tasks;
-  bool used[N_WIDTHS] = {};
-  for (int64_t i = 0; i < M;) {
-    const int64_t e = ids ? ids[order[size_t(i)]] : 0;
-    int64_t j = i;
-    while (j < M && (ids ? ids[order[size_t(j)]] : 0) == e) ++j;
-    for (int64_t seg = 0; seg < n_seg; ++seg) {
-      const int32_t* sl = slot + 3 * (e * n_seg + seg);
-      const int wi = width_index(sl[0]);
-      if (wi < 0 || sl[1] < 0 || sl[1] >= P.buf[wi].n) return fail(err, err_len, "slot table entry out of range");
-      if (wi < N_WIDTHS - 1 && (!P.buf[wi].q || !P.buf[wi].s)) return fail(err, err_len, "missing buffer");
-      if (wi < N_WIDTHS - 1 && group_size % codes_per_lane(sl[0]) != 0)
-        return fail(err, err_len, "group_size is not a multiple of the codes per 32-bit word");
-      used[wi] = true;
-      tasks.push_back(Task{sl[0], sl[1], seg * R, order.data() + i, int(j - i)});
-    }
-    i = j;
-  }
-
-  // x in lane order per bit width, and its group sums (for the zero-point term); or for the
-  // integer path, x as int16 per group, in the order each width's codes unpack.
-#ifdef MOE_AO_INT16
-  std::vector<int16_t> xi;
-  for (int wi = 0; wi < N_WIDTHS - 1; ++wi) {
-    if (!used[wi] || !x_16bit || !int16_path(WIDTHS[wi], group_size)) continue;
-    if (xi.empty()) {
-      xi.resize(size_t(M * K));
-      P.xs.resize(size_t(M * P.G));
-      P.xisum.resize(size_t(M * P.G));
-      for (int64_t m = 0; m < M; ++m)
-        quantize_x(P.x + m * K, K, group_size, xi.data() + m * K, P.xs.data() + m * P.G, P.xisum.data() + m * P.G);
-    }
-    P.int16[wi] = true;
-    P.xq[wi].resize(size_t(M * K));
-    for (int64_t m = 0; m < M; ++m) arrange_x(xi.data() + m * K, K, WIDTHS[wi], P.xq[wi].data() + m * K);
-  }
-#endif
-  for (int wi = 0; wi < N_WIDTHS - 1; ++wi) {
-    if (!used[wi]) continue;
-#ifdef MOE_AO_INT16
-    if (P.int16[wi]) continue;
-#endif
-    const int bits = WIDTHS[wi];
-    const int64_t nblk = n_blocks(K, bits);
-    P.xp_stride[wi] = nblk * LANES * codes_per_lane(bits);  // a multiple of 16: rows stay aligned
-    P.xp[wi].resize(size_t(M * P.xp_stride[wi]));
-    for (int64_t m = 0; m < M; ++m) permute_x(P.x + m * K, K, bits, nblk, P.xp[wi].data() + m * P.xp_stride[wi]);
-  }
-  P.xsum.assign(size_t(M * P.G_pad), 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < P.G; ++g) P.xsum[size_t(m * P.G_pad + g)] = sum(P.x + m * K + g * group_size, group_size);
-
-  const int64_t tiles_per_task = (R + TILE - 1) / TILE;
-  const int64_t n_items = int64_t(tasks.size()) * tiles_per_task;
-  // Below ~1M weights a call takes a few us, less than waking a second thread costs.
-  const int64_t weights = int64_t(tasks.size()) * R * K;
-  const int threads = weights < SERIAL_WEIGHTS ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_items)));
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    std::vector<float> sbuf(size_t(2 * (P.G_pad + LANES)), 0.f);
-    std::vector<vf> zterm(static_cast<size_t>(M));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < n_items; ++item) {
-      const Task& t = tasks[size_t(item / tiles_per_task)];
-      const int64_t r0 = item % tiles_per_task * TILE;
-      run_tile(P, t, r0, std::min(R, r0 + TILE), sbuf, zterm);
-    }
-  }
-  if (x_16bit) from_f32(xdtype, obuf.data(), int64_t(obuf.size()), out);
-  return 0;
-}
+#include "packed_driver.h"

@@ -106,12 +106,13 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// dots[t] = Σ_g s_g xs_tg Σ_{k in g} (q_k - z_g) xi_tk for one packed row; z_g = zrow[g],
-// or zsym when zrow is null. The integer part Σ (q - z) xi of each group is exact per lane.
-template <int BITS, int MT>
-void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
-               const int16_t* const* xq, const float* const* xs, const int32_t* const* isum, float* dots) {
-  constexpr int64_t CHUNK_BYTES = 8 * BITS;
+// dots[t] = Σ_g s_g xscale(t, g) Σ_{k in g} (q_k - z_g) xi_tk for one packed row: the loop
+// the integer paths share. chunk(p, c, part) adds Σ q xi of chunk c (codes at p) to part[t]
+// per lane; z_g = zrow[g], or zsym when zrow is null. The integer part of each group is
+// exact per lane (lane 0 also carries -z_g Σ xi), then converted and scaled in fp32.
+template <int MT, int64_t CHUNK_BYTES, class XScale, class Chunk>
+inline void integer_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow,
+                        int32_t zsym, const int32_t* const* isum, XScale&& xscale, Chunk&& chunk, float* dots) {
   __m256 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
   const int64_t chunks = gs / Q_CHUNK;
@@ -121,23 +122,33 @@ void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
       if (CHUNK_BYTES >= 64 || c % (64 / CHUNK_BYTES) == 0)  // once per 64-byte line
         __builtin_prefetch(q + c * CHUNK_BYTES + PREFETCH_BYTES, 0, 3);
-      __m256i codes[4];
-      extract<BITS>(q + c * CHUNK_BYTES, codes);
-      for (int t = 0; t < MT; ++t) {
-        const __m256i* x = reinterpret_cast<const __m256i*>(xq[t] + c * 64);
-        const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(codes[0], _mm256_load_si256(x)),
-                                           _mm256_madd_epi16(codes[1], _mm256_load_si256(x + 1)));
-        const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(codes[2], _mm256_load_si256(x + 2)),
-                                           _mm256_madd_epi16(codes[3], _mm256_load_si256(x + 3)));
-        part[t] = _mm256_add_epi32(part[t], _mm256_add_epi32(a, b));
-      }
+      chunk(q + c * CHUNK_BYTES, c, part);
     }
     const int32_t z = zrow ? int32_t(zrow[g]) : zsym;
     for (int t = 0; t < MT; ++t) {
       const __m256i zterm = _mm256_set_epi32(0, 0, 0, 0, 0, 0, 0, z * isum[t][g]);
       const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(part[t], zterm));
-      acc[t] = _mm256_fmadd_ps(exact, _mm256_set1_ps(srow[g] * xs[t][g]), acc[t]);
+      acc[t] = _mm256_fmadd_ps(exact, _mm256_set1_ps(srow[g] * xscale(t, g)), acc[t]);
     }
   }
   for (int t = 0; t < MT; ++t) dots[t] = hsum256(acc[t]);
+}
+
+// dots[t] = Σ_g s_g xs_tg Σ_{k in g} (q_k - z_g) xi_tk for one packed row, xi int16 in madd order.
+template <int BITS, int MT>
+void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
+               const int16_t* const* xq, const float* const* xs, const int32_t* const* isum, float* dots) {
+  integer_row<MT, 8 * BITS>(q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t g) { return xs[t][g]; },
+                            [&](const uint8_t* p, int64_t c, __m256i (&part)[MT]) {
+    __m256i codes[4];
+    extract<BITS>(p, codes);
+    for (int t = 0; t < MT; ++t) {
+      const __m256i* x = reinterpret_cast<const __m256i*>(xq[t] + c * 64);
+      const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(codes[0], _mm256_load_si256(x)),
+                                         _mm256_madd_epi16(codes[1], _mm256_load_si256(x + 1)));
+      const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(codes[2], _mm256_load_si256(x + 2)),
+                                         _mm256_madd_epi16(codes[3], _mm256_load_si256(x + 3)));
+      part[t] = _mm256_add_epi32(part[t], _mm256_add_epi32(a, b));
+    }
+  }, dots);
 }

@@ -20,8 +20,8 @@
 
 extern "C" int moe_ao_packed_mm(const void* x, int xdtype, int64_t M, int64_t K, const int64_t* ids,
                                 const int32_t* slot, int64_t n_slices, int64_t n_seg, int64_t R, int64_t group_size,
-                                int wdtype, const void* const* bufs, const int64_t* counts, int n_threads, void* out,
-                                char* err, int64_t err_len);
+                                int wdtype, const void* const* bufs, const int64_t* counts, int act_bits,
+                                int n_threads, void* out, char* err, int64_t err_len);
 
 namespace {
 
@@ -42,7 +42,9 @@ int dtype_code(at::ScalarType t) {
 
 at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& ids, const at::Tensor& slot,
                int64_t out_features, int64_t n_seg, int64_t group_size,
-               const c10::List<std::optional<at::Tensor>>& buffers) {
+               const c10::List<std::optional<at::Tensor>>& buffers, int64_t act_bits) {
+  TORCH_CHECK(act_bits == 0 || act_bits == 8, "moe_ao packed CPU kernel: act_bits must be 0 (none) or 8, got ",
+              act_bits);
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && dtype_code(x.scalar_type()) >= 0,
               "moe_ao packed CPU kernel: x must be a 2D float32/bfloat16/float16 CPU tensor, got ", x.sizes(), " ",
               x.scalar_type(), " on ", x.device());
@@ -95,21 +97,21 @@ at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& ids, const 
   char err[256] = {0};
   const int rc = moe_ao_packed_mm(xc.data_ptr(), dtype_code(x.scalar_type()), M, K,
                                   ids64 ? ids64->data_ptr<int64_t>() : nullptr, slot.data_ptr<int32_t>(), slot.size(0),
-                                  n_seg, R, group_size, wdtype, ptrs.data(), counts.data(), at::get_num_threads(),
-                                  out.data_ptr(), err, sizeof(err));
+                                  n_seg, R, group_size, wdtype, ptrs.data(), counts.data(), int(act_bits),
+                                  at::get_num_threads(), out.data_ptr(), err, sizeof(err));
   TORCH_CHECK(rc == 0, "moe_ao packed CPU kernel: ", err);
   return out;
 }
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& slot, int64_t out_features, int64_t n_seg,
-                         int64_t group_size, const c10::List<std::optional<at::Tensor>>& buffers) {
-  return run(x, std::nullopt, slot, out_features, n_seg, group_size, buffers);
+                         int64_t group_size, const c10::List<std::optional<at::Tensor>>& buffers, int64_t act_bits) {
+  return run(x, std::nullopt, slot, out_features, n_seg, group_size, buffers, act_bits);
 }
 
 at::Tensor packed_experts_linear(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& slot,
                                  int64_t out_features, int64_t n_seg, int64_t group_size,
-                                 const c10::List<std::optional<at::Tensor>>& buffers) {
-  return run(x, ids, slot, out_features, n_seg, group_size, buffers);
+                                 const c10::List<std::optional<at::Tensor>>& buffers, int64_t act_bits) {
+  return run(x, ids, slot, out_features, n_seg, group_size, buffers, act_bits);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
@@ -56,7 +57,8 @@ def quantize_units(
         if name in hessians:
             batches[(tuple(W.shape), spec)].append(name)
         else:
-            results[name] = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype)
+            q = rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype)
+            results[name] = replace(q, act_bits=spec.act_bits)
     for (shape, spec), names in batches.items():
         R, K = shape
         per_unit = 4 * GPTQ_COPIES * (K * K + R * K)  # float32 H, its inverse and their work copies; W, Q, errors
@@ -69,7 +71,7 @@ def quantize_units(
                                      scale_dtype=scale_dtype, damp=damp, blocksize=blocksize, act_order=act_order)
             for i, n in enumerate(chunk):
                 results[n] = QuantizedWeight(q.codes[i], q.scale[i], None if q.zero is None else q.zero[i], q.bits,
-                                             q.group_size)
+                                             q.group_size, spec.act_bits)
                 losses[n] = float(stats.loss[i])
             del Ws, Hs, q
     return results, losses

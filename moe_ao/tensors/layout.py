@@ -150,4 +150,9 @@ def packed_from_parts(fqn: str, attrs: Mapping[str, Any], inner: Mapping[str, to
     if missing:
         raise ValueError(f"packed tensor {fqn}: attributes {missing} are missing")
     buffers = {k: v for k, v in inner.items() if k != "slot"}
-    return PackedWeight(inner["slot"], *(extra[k] for k in PackedWeight.tensor_attribute_names), **buffers)
+    optional = {k: attrs[k] for k in getattr(PackedWeight, "optional_tensor_attribute_names", []) if k in attrs}
+    try:
+        return PackedWeight(inner["slot"], *(extra[k] for k in PackedWeight.tensor_attribute_names), **buffers,
+                            **optional)
+    except ValueError as e:  # e.g. an act_bits the kernels do not take
+        raise ValueError(f"packed tensor {fqn}: {e}") from None

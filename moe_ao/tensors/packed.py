@@ -28,18 +28,27 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
 from moe_ao.kernels import triton_packed
-from moe_ao.kernels.cpu_packed import packed_linear
+from moe_ao.kernels.activations import ACT_BITS
+from moe_ao.kernels.cpu_packed import packed_linear, packed_linear_reference
 from moe_ao.primitives import QuantizedWeight, dequantize_codes
 from moe_ao.tensors.packing import pack_codes, unpack_codes
 
 __all__ = ["PackedWeight"]
 
 BUFFER_BITS = (2, 3, 4, 8, 16)  # buffer order of the concatenation
+CHUNK_WEIGHTS = 1 << 20  # weights per dequantization step in eager code: a few MB of temporaries
 _aten = torch.ops.aten
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether t belongs to a trace (Dynamo, export, or AOT autograd's fake tensors), where
+    data-dependent Python (``.tolist()``) is not allowed."""
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
 def _buffer_names(bits: int) -> tuple[str, ...]:
@@ -52,10 +61,11 @@ class PackedWeight(TorchAOBaseTensor):
     tensor_data_names = ["slot"]
     tensor_attribute_names = ["logical_shape", "slice_bits", "n_seg", "group_size", "symmetric"]
     optional_tensor_data_names = [n for b in BUFFER_BITS for n in _buffer_names(b)]
+    optional_tensor_attribute_names = ["act_bits"]  # None, or 8: int8 per-token activations (W+A)
 
     def __new__(cls, slot, logical_shape, slice_bits, n_seg, group_size, symmetric,
                 q2=None, s2=None, z2=None, q3=None, s3=None, z3=None, q4=None, s4=None, z4=None,
-                q8=None, s8=None, z8=None, d16=None):
+                q8=None, s8=None, z8=None, d16=None, act_bits=None):
         ref = next(t for t in (s2, s3, s4, s8, d16) if t is not None)
         return torch.Tensor._make_wrapper_subclass(
             cls, logical_shape, dtype=ref.dtype, device=slot.device, requires_grad=False
@@ -63,7 +73,10 @@ class PackedWeight(TorchAOBaseTensor):
 
     def __init__(self, slot, logical_shape, slice_bits, n_seg, group_size, symmetric,
                  q2=None, s2=None, z2=None, q3=None, s3=None, z3=None, q4=None, s4=None, z4=None,
-                 q8=None, s8=None, z8=None, d16=None):
+                 q8=None, s8=None, z8=None, d16=None, act_bits=None):
+        if act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits={act_bits!r} is not supported; allowed: {ACT_BITS}")
+        self.act_bits = act_bits
         self.slot = slot
         self.logical_shape = tuple(logical_shape)
         self.slice_bits = tuple(slice_bits)
@@ -91,6 +104,7 @@ class PackedWeight(TorchAOBaseTensor):
         logical_shape: Sequence[int],
         n_seg: int,
         dtype: torch.dtype,
+        act_bits: int | None = None,
     ) -> PackedWeight:
         """Packs per-slice results into one tensor.
 
@@ -100,6 +114,8 @@ class PackedWeight(TorchAOBaseTensor):
             logical_shape: [N, K] or [E, N, K].
             n_seg: row segments per expert (2 for gate_up_proj, else 1).
             dtype: compute dtype (the model's); scales and float slices use it.
+            act_bits: None, or 8 to quantize activations per token to int8 before every
+                product with this weight (``moe_ao.kernels.activations``).
 
         Returns:
             The packed tensor.
@@ -132,7 +148,8 @@ class PackedWeight(TorchAOBaseTensor):
             if not symmetric:
                 buffers[f"z{b}"] = torch.stack([slices[i].zero for i in idx])
         device = next(iter(buffers.values())).device
-        return cls(slot.to(device), tuple(logical_shape), slice_bits, n_seg, group_size, symmetric, **buffers)
+        return cls(slot.to(device), tuple(logical_shape), slice_bits, n_seg, group_size, symmetric, **buffers,
+                   act_bits=act_bits)
 
     # ------------------------------------------------------------- properties
     @property
@@ -149,6 +166,10 @@ class PackedWeight(TorchAOBaseTensor):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in flat)
 
     # ---------------------------------------------------------- dequantizing
+    # Eager code dequantizes slice by slice, CHUNK_WEIGHTS at a time, into the output, so a
+    # bank costs its dense size plus a few MB (unpacking a 4096 x 14336 slice at once made
+    # ~0.5 GB of temporaries). Traced code keeps whole-tensor expressions: Inductor fuses
+    # them into one kernel without temporaries, where a loop would unroll into the graph.
     def _dequant_buffer(self, b: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Dequantizes buffer b ([n_b, R, K]), or only its entries ``rows`` ([..., R, K])."""
         K = self.logical_shape[-1]
@@ -160,8 +181,28 @@ class PackedWeight(TorchAOBaseTensor):
             z = z[rows] if z is not None else None
         return dequantize_codes(unpack_codes(q, b, K), s, z, b, self.group_size, self.dtype)
 
+    def _fill_slices(self, out: torch.Tensor, info: list[list[int]]) -> torch.Tensor:
+        """Dequantizes the slices ``info`` ((bits, row in its buffer, -) each) into out [len(info), R, K]."""
+        R, K = out.shape[-2:]
+        step = max(1, CHUNK_WEIGHTS // K)  # rows per chunk
+        for i, (b, pos, _) in enumerate(info):
+            if b == 16:
+                out[i] = self.d16[pos]
+                continue
+            q, s, z = (getattr(self, n) for n in _buffer_names(b))
+            for r0 in range(0, R, step):
+                r1 = min(R, r0 + step)
+                zr = z[pos, r0:r1] if z is not None else None
+                out[i, r0:r1] = dequantize_codes(unpack_codes(q[pos, r0:r1], b, K), s[pos, r0:r1], zr, b,
+                                                 self.group_size, self.dtype)
+        return out
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight of the logical shape."""
+        """The dense weight of the logical shape (computed in the scales' dtype, then cast to ``dtype``)."""
+        if not _traced(self.slot):
+            out = torch.empty(self.logical_shape, dtype=dtype or self.dtype, device=self.slot.device)
+            self._fill_slices(out.view(-1, self.rows_per_slice, self.logical_shape[-1]), self.slot.tolist())
+            return out
         parts = [self._dequant_buffer(b) for b in self.present_bits]
         flat = parts[0] if len(parts) == 1 else torch.cat(parts)  # [n_slices, R, K], buffer order
         if len(parts) > 1:
@@ -176,6 +217,10 @@ class PackedWeight(TorchAOBaseTensor):
         seg = torch.arange(self.n_seg, device=ids.device, dtype=ids.dtype)
         slice_ids = ids.unsqueeze(-1) * self.n_seg + seg  # [..., n_seg]
         info = self.slot[slice_ids].long()  # [..., n_seg, 3]
+        if not _traced(self.slot):
+            out = torch.empty(*ids.shape, N, K, dtype=self.dtype, device=self.slot.device)
+            self._fill_slices(out.view(-1, self.rows_per_slice, K), info.reshape(-1, 3).tolist())
+            return out
         out = None
         for b in self.present_bits:
             n_b = (self.d16 if b == 16 else getattr(self, f"q{b}")).shape[0]
@@ -215,14 +260,15 @@ def _linear(func, types, args, kwargs):
         raise NotImplementedError(f"PackedWeight: F.linear needs a 2D packed weight, got {type(w).__name__}")
     if isinstance(x, PackedWeight) or isinstance(bias, PackedWeight):
         raise NotImplementedError("PackedWeight: F.linear with a packed input or bias")
-    # Decode and small batches: a kernel reads the packed codes directly (no dense weight).
+    # A kernel reads the packed codes directly (no dense weight): on CPU for any rows, on
+    # CUDA up to triton_packed.MAX_ROWS (beyond, one dense weight and cuBLAS win).
     rows = x.numel() // x.shape[-1]
     if triton_packed.triton_ok(x, w, rows):  # CUDA
         out = triton_packed.packed_linear(x, w)
     elif x.device.type == "cpu":  # the C++ kernel where kernel_ok, else its reference
         out = packed_linear(x, w)
-    else:  # the dequantize-then-matmul reference path
-        return F.linear(x, w.dequantize(), bias)
+    else:  # the dequantize-then-matmul reference (activations rounded first for W+A)
+        out = packed_linear_reference(x, w)
     return out if bias is None else out + bias
 
 
@@ -258,5 +304,6 @@ def _to_copy(func, types, args, kwargs):
         t = getattr(w, name)
         if t is not None:
             buffers[name] = t.to(device, dtype=dtype) if t.is_floating_point() else t.to(device)
-    new = PackedWeight(w.slot.to(device), w.logical_shape, w.slice_bits, w.n_seg, w.group_size, w.symmetric, **buffers)
+    new = PackedWeight(w.slot.to(device), w.logical_shape, w.slice_bits, w.n_seg, w.group_size, w.symmetric, **buffers,
+                       act_bits=w.act_bits)
     return return_and_correct_aliasing(func, args, kwargs, new)

@@ -55,11 +55,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     assert packed.shape[-1] == packed_size(K, bits), f"{packed.shape=} {K=} {bits=}"
     if bits == 8:
         return packed[..., :K]
-    # int32 holds a run's word for bits <= 3 (24 bits); 4 bits needs the full 32, so int64.
-    wide = torch.int32 if bits <= 3 else torch.int64
+    mask = 2**bits - 1
+    if 8 % bits == 0:
+        # 1, 2 and 4 bits: whole codes per byte, unpacked bytewise (no wider temporaries).
+        lanes = [(packed >> (bits * j)) & mask for j in range(8 // bits)]  # uint8 [..., Kb] each
+        return torch.stack(lanes, -1).flatten(-2)[..., :K]
+    # Other widths: a run's word (8 * bits bits) in int32 for 3 bits, int64 for 5-7 (unused by PackedWeight).
+    wide = torch.int32 if bits * PACK_RUN <= 31 else torch.int64
     by = packed.to(wide).unflatten(-1, (-1, bits))  # [..., K/8, bits]
     byte_shifts = torch.arange(bits, device=packed.device, dtype=wide) * 8
-    word = (by << byte_shifts).sum(-1, keepdim=True)  # [..., K/8, 1]
+    word = (by << byte_shifts).sum(-1, keepdim=True, dtype=wide)  # [..., K/8, 1]
     shifts = torch.arange(PACK_RUN, device=packed.device, dtype=wide) * bits
-    codes = (word >> shifts) & (2**bits - 1)  # [..., K/8, 8]
+    codes = (word >> shifts) & mask  # [..., K/8, 8]
     return codes.flatten(-2)[..., :K].to(torch.uint8)

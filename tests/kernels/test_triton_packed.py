@@ -86,6 +86,33 @@ def test_experts_mixed_widths_vs_float64(n_seg, symmetric, dtype):
     assert_matches(packed_experts_linear(*on(x, w, ids)), x, W[ids], mag[ids])
 
 
+@pytest.mark.parametrize("rows_per_expert", [1, 2, 3, 9, 16, 21])
+def test_grouped_experts_at_any_rows_vs_float64(rows_per_expert):
+    """Beyond decode (S > E) rows are sorted by expert into tiles of BM rows of one expert
+    (BM = 2, 4, 16: the broadcast-sum and tl.dot paths), uneven counts, an unused expert."""
+    E, R, K = 5, 24, 96
+    w, W, mag = mixed_bank(E, 2, R, K, 32, False, torch.float32, seed=rows_per_expert)
+    g = torch.Generator().manual_seed(rows_per_expert)
+    counts = torch.tensor([rows_per_expert, 2 * rows_per_expert + 1, 0, 1, rows_per_expert])
+    ids = torch.repeat_interleave(torch.arange(E), counts)
+    ids = ids[torch.randperm(len(ids), generator=g)]
+    x = torch.randn(len(ids), K, generator=g)
+    assert len(ids) > E
+    assert_matches(packed_experts_linear(*on(x, w, ids)).cpu(), x, W[ids], mag[ids])
+
+
+def test_tile_table_covers_every_row_once():
+    ids = torch.tensor([4, 0, 4, 4, 1, 0, 4, 4, 4])
+    tiles, perm, n = triton_packed._tile_table(ids, 6, 2)
+    assert n == 5 + 6 and tiles.shape == (n, 3)
+    used = tiles[tiles[:, 2] > tiles[:, 1]]  # tiles with rows
+    assert used[:, 0].tolist() == [0, 1, 4, 4, 4]  # expert 0: 2 rows, 1: 1 row, 4: 6 rows in 3 tiles
+    rows = torch.cat([torch.arange(a, b).clamp(max=c - 1).unique() for _, a, c in used.tolist()
+                      for b in [min(a + 2, c)]])
+    assert sorted(rows.tolist()) == list(range(len(ids)))
+    assert torch.equal(ids[perm.long()], ids.sort().values)
+
+
 def test_a_2d_weight_with_segments():
     """A 2D weight stored as two slices of different widths (e.g. a fused gate/up linear)."""
     g = torch.Generator().manual_seed(7)
@@ -121,7 +148,8 @@ def test_dispatch_rule_is_cuda_and_inference_only(monkeypatch):
     packed = SimpleNamespace(slot=cuda, s2=cuda, s3=None, s4=None, s8=None, d16=None)
     monkeypatch.setattr(triton_packed, "available", lambda: True)
     assert triton_ok(cuda, packed, 1)
-    assert not triton_ok(cuda, packed, triton_packed.MAX_ROWS + 1)  # prefill: dequantize + cuBLAS
+    assert not triton_ok(cuda, packed, triton_packed.MAX_ROWS + 1)  # 2D prefill: dequantize + cuBLAS
+    assert triton_ok(cuda, packed, None)  # an experts bank: the grouped kernel at any rows
     assert not triton_ok(SimpleNamespace(**{**vars(cuda), "dtype": torch.int8}), packed, 1)
     with torch.enable_grad():
         assert not triton_ok(SimpleNamespace(**{**vars(cuda), "requires_grad": True}), packed, 1)
@@ -151,7 +179,7 @@ def test_quantized_model_decodes_through_the_kernels(monkeypatch):
         for name in ("packed_linear", "packed_experts_linear"):
             real = getattr(triton_packed, name)
             monkeypatch.setattr(triton_packed, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
-        monkeypatch.setattr(triton_packed, "triton_ok", lambda x, w, rows: rows <= triton_packed.MAX_ROWS)
+        monkeypatch.setattr(triton_packed, "triton_ok", lambda x, w, rows: rows is None or rows <= triton_packed.MAX_ROWS)
         got = model(ids[:, :1]).logits
     assert {"packed_linear", "packed_experts_linear"} <= set(calls)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

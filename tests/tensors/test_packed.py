@@ -148,7 +148,7 @@ def test_flatten_unflatten_round_trip(pattern, symmetric):
     assert names[0] == "slot" and ("z3" in names) == (not symmetric)
     assert all(getattr(w, n) is None for n in w.optional_tensor_data_names if n not in names)
     assert attrs == {"logical_shape": (3, 2 * R, K), "slice_bits": w.slice_bits, "n_seg": 2,
-                     "group_size": 32, "symmetric": symmetric}
+                     "group_size": 32, "symmetric": symmetric, "act_bits": None}
     back = PackedWeight.__tensor_unflatten__(inner_tensors(w), attrs, w.shape, w.stride())
     assert type(back) is PackedWeight and back.shape == w.shape and back.dtype == w.dtype
     assert back.__tensor_flatten__() == (names, attrs)
