@@ -32,10 +32,19 @@ import time
 from pathlib import Path
 
 import torch
+from bench_cpu_decode import (
+    PLANS,
+    bf16_banks,
+    clock_timer,
+    gemv_variants,
+    load,
+    machine,
+    mixtral_experts,
+    packed_layer,
+    time_round_robin,
+)
 from transformers import MixtralConfig
 
-from bench_cpu_decode import (PLANS, bf16_banks, clock_timer, gemv_variants, load, machine, mixtral_experts,
-                              packed_layer, time_round_robin)
 from moe_ao import experts as experts_impl
 from moe_ao.kernels import cpu_packed
 from moe_ao.kernels.cpu_packed import packed_linear
@@ -94,7 +103,7 @@ def time_layer(tokens: list[int]) -> tuple[dict[int, dict[str, float]], dict[str
     for T in tokens:
         reps, warmup = reps_for(T), 1 if T <= 64 else 0  # a bf16 call at T = 1024 takes minutes
         batches = routes(T, warmup + reps, seed=T, hidden=SHAPE["hidden"])
-        variants = {name: ((lambda i, m=m: m(*batches[i])), 0.0) for name, m in layers.items()}
+        variants = {name: ((lambda i, m=m, b=batches: m(*b[i])), 0.0) for name, m in layers.items()}
         results[T] = time_round_robin(variants, reps, warmup, clock_timer(time.perf_counter))
         logger.info("T=%d: %s (load %s)", T, {k: f"{v * 1e3:.1f} ms" for k, v in results[T].items()}, load())
     return results, sizes
@@ -160,6 +169,7 @@ def switch_over(out: Path) -> None:
     """GEMV passes vs the tiled GEMM forced at each rows per slice, and the GEMV passes with
     int8 activations (act_bits = 8), one thread, CPU time."""
     from bench_cpu_decode import random_packed
+
     from moe_ao.kernels._registry import buffers_of
 
     torch.set_num_threads(1)
@@ -177,7 +187,7 @@ def switch_over(out: Path) -> None:
                     best = []
                     for rows, act in ((10**9, 0), (1, 0), (10**9, 8)):
                         with cpu_packed.gemm_min_rows(rows):
-                            best.append(_best_of_3(lambda: torch.ops.moe_ao.packed_linear.default(
+                            best.append(_best_of_3(lambda x=x, w=w, N=N, act=act: torch.ops.moe_ao.packed_linear.default(
                                 x, w.slot, N, 1, GS, buffers_of(w), act)))
                     rates = " | ".join(f"{M * N * K / t / 1e9:.1f}" for t in best)
                     lines.append(f"| {N}x{K} | {bits} | {str(dtype).removeprefix('torch.')} | {M} | "

@@ -54,8 +54,8 @@ def pack_param(
     slices, errors = [], {}
     act_bits = {results[u.name].act_bits for u in param_units if u.name in results}
     if len(act_bits) > 1:
-        raise ValueError(f"{fqn}: the units stored in this parameter ask for different act_bits {sorted(act_bits, key=str)};"
-                         f" one packed tensor quantizes its activations one way")
+        raise ValueError(f"{fqn}: the units stored in this parameter ask for different act_bits "
+                         f"{sorted(act_bits, key=str)}; one packed tensor quantizes its activations one way")
     for u in order:
         W = unit_weight(model, u).detach()
         q = results.get(u.name)
@@ -67,7 +67,8 @@ def pack_param(
         Wf, Wq = W.float(), dequantize_codes(q.codes, q.scale.float(), q.zero, q.bits, q.group_size)
         _check_storable(u, Wq, param.dtype)
         errors[u.name] = ((Wq - Wf).norm() / Wf.norm().clamp_min(1e-12)).item()
-    packed = PackedWeight.from_slices(slices, tuple(param.shape), n_seg, param.dtype, act_bits=next(iter(act_bits), None))
+    packed = PackedWeight.from_slices(slices, tuple(param.shape), n_seg, param.dtype,
+                                      act_bits=next(iter(act_bits), None))
     return packed, errors
 
 

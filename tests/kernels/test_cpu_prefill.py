@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from packed_cases import OpCalls, assert_matches, dequant64, mixed_bank, random_slice
 
 from moe_ao.kernels import cpu_packed
 from moe_ao.kernels.activations import quantize_activations
 from moe_ao.kernels.cpu_packed import packed_experts_linear, packed_experts_linear_reference, packed_linear
 from moe_ao.tensors.packed import PackedWeight
-from packed_cases import OpCalls, assert_matches, dequant64, mixed_bank, random_slice
 
 FORCE = {"gemm": 1, "gemv": 10**9}  # gemm_min_rows that forces each path where it can serve a slice
 

@@ -179,7 +179,8 @@ def test_quantized_model_decodes_through_the_kernels(monkeypatch):
         for name in ("packed_linear", "packed_experts_linear"):
             real = getattr(triton_packed, name)
             monkeypatch.setattr(triton_packed, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
-        monkeypatch.setattr(triton_packed, "triton_ok", lambda x, w, rows: rows is None or rows <= triton_packed.MAX_ROWS)
+        monkeypatch.setattr(triton_packed, "triton_ok",
+                            lambda x, w, rows: rows is None or rows <= triton_packed.MAX_ROWS)
         got = model(ids[:, :1]).logits
     assert {"packed_linear", "packed_experts_linear"} <= set(calls)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
