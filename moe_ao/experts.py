@@ -23,22 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from moe_ao.kernels import triton_packed
-from moe_ao.kernels._registry import device_and_dtype
-from moe_ao.kernels.cpu_packed import packed_experts_linear, packed_experts_linear_reference
+from moe_ao.kernels import dispatch
 from moe_ao.kernels.grouped_mm import grouped_mm
 from moe_ao.tensors.packed import PackedWeight
 
 IMPLEMENTATION = "moe_ao"
-
-
-def _packed_experts(bank: PackedWeight, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Row s of x [S, K] times expert ids[s] of a packed bank [E, N, K] -> [S, N], any S."""
-    if triton_packed.triton_ok(x, bank, None):
-        return triton_packed.packed_experts_linear(x, bank, ids)
-    if device_and_dtype(bank)[0] == "cpu":
-        return packed_experts_linear(x, bank, ids)  # the C++ kernel, or its reference
-    return packed_experts_linear_reference(x, bank, ids)
 
 
 def _activate(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -61,7 +50,7 @@ def _plain_experts(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> to
 
 def _experts(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Row s of x [S, K] times expert ids[s] of a plain or packed bank [E, N, K] -> [S, N]."""
-    return _packed_experts(bank, x, ids) if isinstance(bank, PackedWeight) else _plain_experts(bank, x, ids)
+    return dispatch.experts_linear(x, bank, ids) if isinstance(bank, PackedWeight) else _plain_experts(bank, x, ids)
 
 
 def _dense_experts(module: torch.nn.Module, up_bank: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,

@@ -32,9 +32,9 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
-from moe_ao.kernels import triton_packed
+from moe_ao.kernels import dispatch
+from moe_ao.kernels._registry import BUFFER_NAMES
 from moe_ao.kernels.activations import ACT_BITS
-from moe_ao.kernels.cpu_packed import packed_linear, packed_linear_reference
 from moe_ao.primitives import QuantizedWeight, dequantize_codes
 from moe_ao.tensors.packing import pack_codes, unpack_codes
 
@@ -60,7 +60,7 @@ class PackedWeight(TorchAOBaseTensor):
 
     tensor_data_names = ["slot"]
     tensor_attribute_names = ["logical_shape", "slice_bits", "n_seg", "group_size", "symmetric"]
-    optional_tensor_data_names = [n for b in BUFFER_BITS for n in _buffer_names(b)]
+    optional_tensor_data_names = list(BUFFER_NAMES)  # the kernels' buffer list, in its order
     optional_tensor_attribute_names = ["act_bits"]  # None, or 8: int8 per-token activations (W+A)
 
     def __new__(cls, slot, logical_shape, slice_bits, n_seg, group_size, symmetric,
@@ -260,15 +260,7 @@ def _linear(func, types, args, kwargs):
         raise NotImplementedError(f"PackedWeight: F.linear needs a 2D packed weight, got {type(w).__name__}")
     if isinstance(x, PackedWeight) or isinstance(bias, PackedWeight):
         raise NotImplementedError("PackedWeight: F.linear with a packed input or bias")
-    # A kernel reads the packed codes directly (no dense weight): on CPU for any rows, on
-    # CUDA up to triton_packed.MAX_ROWS (beyond, one dense weight and cuBLAS win).
-    rows = x.numel() // x.shape[-1]
-    if triton_packed.triton_ok(x, w, rows):  # CUDA
-        out = triton_packed.packed_linear(x, w)
-    elif x.device.type == "cpu":  # the C++ kernel where kernel_ok, else its reference
-        out = packed_linear(x, w)
-    else:  # the dequantize-then-matmul reference (activations rounded first for W+A)
-        out = packed_linear_reference(x, w)
+    out = dispatch.linear(x, w)  # a kernel reads the packed codes directly: no dense weight
     return out if bias is None else out + bias
 
 
