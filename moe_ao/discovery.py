@@ -213,26 +213,39 @@ def _keep(kept: dict[str, str], path: str, module: nn.Module, where: str) -> Non
 def _moe_block_units(prefix: str, block: nn.Module, layer: int | None, kept: dict[str, str]) -> list[Unit]:
     units: list[Unit] = []
     for child_name, child in block.named_children():
-        path = f"{prefix}.{child_name}"
-        if child_name == "experts":
-            if isinstance(child, nn.ModuleList):
-                for e, mlp in enumerate(child):
-                    if not _is_mlp(mlp):
-                        raise ValueError(f"{path}.{e}: expert module {type(mlp).__name__} not understood")
-                    units += _mlp_units(f"{path}.{e}", mlp, "expert", layer, e)
-            elif isinstance(getattr(child, "down_proj", None), torch.Tensor) or hasattr(child, "mlp"):
-                units += _fused_expert_units(path, child, layer)
-            elif isinstance(child, nn.Embedding) or any(isinstance(m, nn.Embedding) for m in child.modules()):
-                raise NotImplementedError(f"{path}: routed experts stored as nn.Embedding tables are not supported")
-            else:
-                raise ValueError(f"{path}: experts module {type(child).__name__} not understood")
-        elif child_name in ROUTER_NAMES or child_name.endswith("_gate"):
-            units += _router_units(path, child, layer)
-        elif child_name in SHARED_NAMES and _is_mlp(child):
-            units += _mlp_units(path, child, "shared_expert", layer, None)
-        elif _holds_weights(child):
-            _keep(kept, path, child, f"inside MoE block {prefix}")
+        units += _moe_child_units(prefix, child_name, child, layer, kept)
     return units
+
+
+def _moe_child_units(prefix: str, child_name: str, child: nn.Module, layer: int | None,
+                     kept: dict[str, str]) -> list[Unit]:
+    """Units of one child of an MoE block (or of a decoder layer that is its own MoE block, Gemma 4)."""
+    path = f"{prefix}.{child_name}"
+    if child_name == "experts":
+        if isinstance(child, nn.ModuleList):
+            units = []
+            for e, mlp in enumerate(child):
+                if not _is_mlp(mlp):
+                    raise ValueError(f"{path}.{e}: expert module {type(mlp).__name__} not understood")
+                units += _mlp_units(f"{path}.{e}", mlp, "expert", layer, e)
+            return units
+        if isinstance(getattr(child, "down_proj", None), torch.Tensor) or hasattr(child, "mlp"):
+            return _fused_expert_units(path, child, layer)
+        raise ValueError(f"{path}: experts module {type(child).__name__} not understood")
+    if child_name in ROUTER_NAMES or child_name.endswith("_gate"):
+        return _router_units(path, child, layer)
+    if child_name in SHARED_NAMES and _is_mlp(child):
+        return _mlp_units(path, child, "shared_expert", layer, None)
+    if _holds_weights(child):
+        _keep(kept, path, child, f"inside MoE block {prefix}")
+    return []
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that multiplies through nn.Linear.forward (F.linear): a packed weight serves it.
+    Subclasses with their own forward (DeepSeek-V4's grouped output projection views its weight)
+    are kept in float."""
+    return isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward,)
 
 
 def _layer_units(prefix: str, layer_module: nn.Module, layer: int, kept: dict[str, str]) -> list[Unit]:
@@ -241,7 +254,10 @@ def _layer_units(prefix: str, layer_module: nn.Module, layer: int, kept: dict[st
         path = f"{prefix}.{child_name}"
         if child_name in ATTENTION_NAMES:
             for sub, lin in child.named_modules():
-                if isinstance(lin, nn.Linear):
+                if isinstance(lin, nn.Linear) and not _plain_linear(lin):
+                    kept[f"{path}.{sub}"] = (f"{type(lin).__name__}: an nn.Linear with its own forward (reads its "
+                                             f"weight as a plain tensor); kept in floating point")
+                elif isinstance(lin, nn.Linear):
                     proj = sub.rsplit(".", 1)[-1]
                     units.append(
                         Unit(f"{path}.{sub}", "attention", layer, None, proj,
@@ -249,6 +265,9 @@ def _layer_units(prefix: str, layer_module: nn.Module, layer: int, kept: dict[st
                     )
         elif hasattr(child, "experts"):
             units += _moe_block_units(path, child, layer, kept)
+        elif isinstance(getattr(layer_module, "experts", None), nn.Module) and (
+                child_name == "experts" or child_name in ROUTER_NAMES):  # the layer is its own MoE block
+            units += _moe_child_units(prefix, child_name, child, layer, kept)
         elif tables := [n for n, m in child.named_modules() if isinstance(m, nn.Embedding)]:
             raise NotImplementedError(
                 f"{path}: {type(child).__name__} holds routed experts as nn.Embedding tables {tables} "

@@ -63,7 +63,7 @@ GENERIC = {
 # Architecture-specific values a generic rule cannot give (applied after GENERIC).
 FIXES: dict[str, dict] = {
     "dbrx": {"d_model": HIDDEN, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
-             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": EXPERTS, "moe_top_k": TOP_K}},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0,
               "use_mamba_kernels": False},
@@ -87,11 +87,16 @@ FIXES: dict[str, dict] = {
     "kimi_linear": {"layer_types": ["linear_attention", "full_attention"]},
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
     "qwen3_5_moe": {"layer_types": ["linear_attention", "full_attention"]},
-    "qwen4_exp": {"layer_types": ["linear_attention", "indexed_attention"]},
+    "qwen4_exp": {"layer_types": ["linear_attention", "indexed_attention"], "indexer_n_heads": 2,
+                  "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8, "indexer_compress_ratio": 2},
 }
 # Multi-head latent attention (MLA) wants as many key/value heads as query heads.
 for _arch in ("axk1", "axk2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "longcat_flash"):
-    FIXES[_arch] = {"num_key_value_heads": 4} | FIXES.get(_arch, {})
+    FIXES[_arch] = {"num_key_value_heads": 4, "head_dim": 8} | FIXES.get(_arch, {})  # head_dim: the rope part
+
+
+# Modules the enumeration finds that hold no routed experts at all.
+NOT_MOE = {"bamba": "BambaDecoderLayer hard-wires num_experts = 1: a dense MLP"}
 
 
 def _transformers_dir() -> str:
@@ -110,6 +115,8 @@ def moe_architectures() -> tuple[str, ...]:
         if not os.path.exists(path):
             continue
         src = open(path, encoding="utf-8").read()
+        if mod in NOT_MOE:
+            continue
         if re.search(r"^class \w+ForCausalLM\(", src, re.M) and re.search(r"expert", src, re.I):
             found.append(mod)
     return tuple(found)
