@@ -130,8 +130,8 @@ def causal_lm_class(arch: str) -> type[nn.Module]:
     return getattr(m, name)
 
 
-def tiny_config(arch: str):
-    """The causal LM's config class, its size fields shrunk (GENERIC), plus FIXES[arch]."""
+def tiny_config(arch: str, **overrides):
+    """The causal LM's config class, its size fields shrunk (GENERIC), plus FIXES[arch] and ``overrides``."""
     config_class = causal_lm_class(arch).config_class
     defaults = config_class().to_dict()
     kwargs = {k: v for k, v in GENERIC.items() if k in defaults}
@@ -139,16 +139,17 @@ def tiny_config(arch: str):
         if isinstance(defaults.get(key), int) and defaults[key] >= VOCAB:
             kwargs[key] = 1  # token ids must lie in the tiny vocabulary
     kwargs.update(FIXES.get(arch, {}))
+    kwargs.update(overrides)
     config = config_class(**kwargs)
     config.architectures = [causal_lm_class(arch).__name__]
     return config
 
 
-def build(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def build(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> nn.Module:
     """A seeded tiny ``arch`` causal LM in eval mode; weights of 2+ dims redrawn with std 0.1
     (many initialise to ~0.02 or zeros, which makes routing and quantization error degenerate)."""
     torch.manual_seed(seed)
-    config = tiny_config(arch)
+    config = tiny_config(arch, **overrides)
     model = causal_lm_class(arch)._from_config(config, dtype=dtype)
     with torch.no_grad():
         for p in model.parameters():
