@@ -12,7 +12,8 @@ A misread layout (a transposed bank read as [out, in], gate and up swapped) make
 two disagree. Architectures that cannot work must fail with the named error in
 ``EXPECTED_ERRORS``, never silently.
 
-``python tests/test_architectures.py`` prints the README coverage table.
+``PYTHONPATH=. python tests/test_architectures.py`` prints the README coverage table
+(PYTHONPATH so that this checkout's moe_ao is the one imported).
 """
 
 from __future__ import annotations
@@ -147,6 +148,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     warnings.simplefilter("ignore")
+    print(f"<!-- moe_ao from {moe_ao.__file__} -->", file=sys.stderr)
     main()
