@@ -211,6 +211,8 @@ def prepare(model: nn.Module, plan: Plan, config: QuantizerConfig) -> tuple[list
             report.kept[u.name] = "not in plan"
         elif not plan[u.name].quantized:
             report.kept[u.name] = "planned at 16 bits"
+    for name, why in getattr(all_units, "kept", {}).items():
+        report.kept[name] = why  # modules of no unit kind (SSM / linear-attention mixers, ...)
     return all_units, planned, report
 
 

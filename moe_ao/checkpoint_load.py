@@ -30,9 +30,10 @@ from moe_ao.checkpoint import (
     file_digest,
     meta_digest,
 )
-from moe_ao.discovery import units
+from moe_ao.discovery import packed_shape, units
 from moe_ao.packed_state import inner_keys, rebuild_packed
 from moe_ao.plans import Plan
+from moe_ao.quant.assemble import units_by_param
 from moe_ao.skeleton import meta_model
 from moe_ao.tensors.layout import FLOAT_DTYPES, expected_buffers
 from moe_ao.tensors.packed import PackedWeight
@@ -160,10 +161,15 @@ def read_headers(path: Path, weights: list[str]) -> dict[str, tuple[str, tuple[i
 
 
 def check_headers(
-    path: Path, meta: dict[str, Any], model: nn.Module, headers: Mapping[str, tuple[str, tuple[int, ...], torch.dtype]]
+    path: Path, meta: dict[str, Any], model: nn.Module, headers: Mapping[str, tuple[str, tuple[int, ...], torch.dtype]],
+    model_units: list[Unit] | None = None,
 ) -> None:
-    """The stored tensors are exactly the model's (packed ones as their parts), shapes and dtypes included."""
+    """The stored tensors are exactly the model's (packed ones as their parts), shapes and dtypes included.
+
+    A packed bank whose float layout is not [E, out, in] (``Unit.layout``) is stored repacked
+    to [E, out, in]: that is the logical shape it must have."""
     state = model.state_dict()
+    by_param = units_by_param(model_units or [])
     packed, tied = meta["packed"], meta["tied"]
     want: dict[str, tuple[tuple[int, ...], torch.dtype] | None] = {}
     for name, t in state.items():
@@ -175,10 +181,11 @@ def check_headers(
                 expected_buffers(info, t.dtype)  # attributes well-formed (their buffers are checked later)
             except ValueError as e:
                 raise CheckpointError(f"{path / META_FILE}: packed tensor {name}: {e}") from None
-            if list(info["logical_shape"]) != list(t.shape):
+            shape = packed_shape(t, by_param[name]) if name in by_param else tuple(t.shape)
+            if list(info["logical_shape"]) != list(shape):
                 raise CheckpointError(
                     f"{path / META_FILE}: packed tensor {name} has logical_shape "
-                    f"{info.get('logical_shape')}, the model's is {tuple(t.shape)}"
+                    f"{info.get('logical_shape')}, the model's is {tuple(shape)}"
                 )
             # the inner tensors are checked against their attributes once read
             want |= dict.fromkeys(inner_keys(name, info["inner"], legacy=meta["version"] == 1).values())
@@ -268,12 +275,12 @@ def load_checkpoint(path: Path, device: str | torch.device, verify: bool) -> nn.
     weights = [_safe_name(path, n) for n in meta.get("weights", [SINGLE_FILE])]
     headers = read_headers(path, weights)
     model = _build_skeleton(path)
-    check_headers(path, meta, model, headers)
+    model_units = units(model)
+    check_headers(path, meta, model, headers, model_units)
     try:
         plan = Plan.from_json(str(path / "plan.json"))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    model_units = units(model)
     flat = _load_tensors(path, weights)
     try:
         new = rebuild_packed(lambda key: flat.pop(key, None), meta, str(path), legacy=meta["version"] == 1)

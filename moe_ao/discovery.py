@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_ao.tensors.packed import PackedWeight
 from moe_ao.unit import Unit, layer_index
 
 logger = logging.getLogger(__name__)
@@ -63,111 +64,218 @@ def _mlp_units(prefix: str, module: nn.Module, kind: str, layer: int | None, exp
     return units
 
 
+# Experts classes that transformers does not route through ``use_experts_implementation``
+# (so they carry no ``is_transposed`` flag) and whose layout their shapes alone cannot tell:
+# class name -> (gate_up / up layout, down layout). Llama 4 stores [E, H, 2I] and [E, I, H].
+UNDECORATED_LAYOUTS = {"Llama4TextExperts": ("cols", "cols")}
+
+
+def _bank_layouts(prefix: str, experts: nn.Module, first: torch.Tensor, down: torch.Tensor,
+                  n_seg: int) -> tuple[str, str]:
+    """(layout of the gate_up/up bank, layout of the down bank); see moe_ao.unit.LAYOUTS.
+
+    Raises:
+        ValueError: a layout moe_ao cannot read, or one the shapes leave ambiguous.
+    """
+    if hasattr(experts, "is_transposed"):  # transformers' @use_experts_implementation flags
+        transposed, concatenated = experts.is_transposed, getattr(experts, "is_concatenated", True)
+        if not transposed and not concatenated:
+            raise ValueError(f"{prefix}: interleaved gate/up rows in an [E, out, in] bank are not supported "
+                             f"(is_transposed=False, is_concatenated=False)")
+        if not transposed:
+            return "rows", "rows"
+        return ("cols" if concatenated or n_seg == 1 else "cols_interleaved"), "cols"
+    name = type(experts).__name__
+    if name in UNDECORATED_LAYOUTS:
+        return UNDECORATED_LAYOUTS[name]
+    (_, A, B), (_, C, D) = first.shape, down.shape
+    fits_rows = B == C and D * n_seg == A  # [E, N, H] and [E, H, I]
+    fits_cols = A == D and C * n_seg == B  # [E, H, N] and [E, I, H]
+    if fits_rows and not fits_cols:
+        return "rows", "rows"
+    if fits_cols and not fits_rows:
+        return "cols", "cols"
+    raise ValueError(
+        f"{prefix}: experts class {name} is not dispatched through transformers' ExpertsInterface (no "
+        f"is_transposed flag) and its banks {tuple(first.shape)} / {tuple(down.shape)} "
+        f"{'fit both [E, out, in] and [E, in, out]' if fits_rows else 'fit neither [E, out, in] nor [E, in, out]'}"
+        f"; add it to moe_ao.discovery.UNDECORATED_LAYOUTS"
+    )
+
+
+def _expert_unit(prefix: str, e: int, proj: str, layer: int | None, shape: tuple[int, int], param: str,
+                 rows: tuple[int, int], seg: int, layout: str) -> Unit:
+    return Unit(name=f"{prefix}.{e}.{proj}", kind="expert", layer=layer, expert=e, proj=proj, shape=shape,
+                param=param, fused=True, rows=rows, segment=seg, layout=layout)
+
+
 def _fused_expert_units(prefix: str, experts: nn.Module, layer: int | None) -> list[Unit]:
-    """Units of a transformers-5 fused experts module (``@use_experts_implementation``)."""
-    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
-        raise ValueError(
-            f"{prefix}: fused experts layout not understood (is_transposed="
-            f"{getattr(experts, 'is_transposed', False)}, is_concatenated="
-            f"{getattr(experts, 'is_concatenated', True)}); supported: [E, out, in] with [gate; up] concatenated"
-        )
-    if getattr(experts, "has_bias", False):
-        raise ValueError(f"{prefix}: fused experts with biases are not supported")
-    units = []
+    """Units of a fused experts module: transformers 5's ``@use_experts_implementation`` banks in any
+    of their layouts, Llama 4's transposed banks, DBRX's flat 2D ones."""
+    if hasattr(experts, "mlp") and all(hasattr(experts.mlp, n) for n in ("w1", "v1", "w2")):
+        return _flat_glu_units(prefix, experts, layer)
     has_gate = hasattr(experts, "gate_up_proj")
     first = experts.gate_up_proj if has_gate else experts.up_proj
-    E, N, K = first.shape
-    segs = (("gate_proj", 0, N // 2), ("up_proj", N // 2, N)) if has_gate else (("up_proj", 0, N),)
     down = experts.down_proj
-    if down.ndim != 3 or down.shape[0] != E:
-        raise ValueError(f"{prefix}: down_proj shape {tuple(down.shape)} does not match {E} experts")
+    n_seg = 2 if has_gate else 1
+    if first.ndim != 3 or down.ndim != 3:
+        raise ValueError(f"{prefix}: expert banks of shapes {tuple(first.shape)} / {tuple(down.shape)}; "
+                         f"expected 3D [E, ., .]")
+    packed = isinstance(down, PackedWeight)  # quantized banks are always [E, out, in], [gate; up]
+    up_layout, down_layout = ("rows", "rows") if packed else _bank_layouts(prefix, experts, first, down, n_seg)
+    E = down.shape[0]
+    if first.shape[0] != E and not (first.shape[0] > E and getattr(experts, "num_routed_experts", None) == E):
+        raise ValueError(f"{prefix}: down_proj shape {tuple(down.shape)} does not match the "
+                         f"{first.shape[0]} experts of {tuple(first.shape)}")
+    # Extra gate_up experts without a down_proj (LongCat's zero / identity experts) are never
+    # multiplied: they are no units and stay as float slices.
+    N, K = (first.shape[1], first.shape[2]) if up_layout == "rows" else (first.shape[2], first.shape[1])
+    Hd, Id = (down.shape[1], down.shape[2]) if down_layout == "rows" else (down.shape[2], down.shape[1])
+    if K != Hd or N != Id * n_seg:  # the banks must chain: x [., H] -> [., N] -> [., I] -> [., H]
+        raise ValueError(
+            f"{prefix}: banks {tuple(first.shape)} read as {up_layout} and {tuple(down.shape)} read as "
+            f"{down_layout} (is_transposed={getattr(experts, 'is_transposed', None)}, is_concatenated="
+            f"{getattr(experts, 'is_concatenated', None)}) do not chain: in {K} -> {N} -> down [{Hd}, {Id}]")
+    segs = (("gate_proj", 0, N // 2), ("up_proj", N // 2, N)) if has_gate else (("up_proj", 0, N),)
+    up_name = f"{prefix}.{'gate_up_proj' if has_gate else 'up_proj'}"
+    units = []
     for e in range(E):
         for seg, (proj, r0, r1) in enumerate(segs):
-            units.append(
-                Unit(
-                    name=f"{prefix}.{e}.{proj}",
-                    kind="expert",
-                    layer=layer,
-                    expert=e,
-                    proj=proj,
-                    shape=(r1 - r0, K),
-                    param=f"{prefix}.{'gate_up_proj' if has_gate else 'up_proj'}",
-                    fused=True,
-                    rows=(r0, r1),
-                    segment=seg,
-                )
-            )
-        units.append(
-            Unit(
-                name=f"{prefix}.{e}.down_proj",
-                kind="expert",
-                layer=layer,
-                expert=e,
-                proj="down_proj",
-                shape=(down.shape[1], down.shape[2]),
-                param=f"{prefix}.down_proj",
-                fused=True,
-                rows=(0, down.shape[1]),
-            )
-        )
+            units.append(_expert_unit(prefix, e, proj, layer, (r1 - r0, K), up_name, (r0, r1), seg, up_layout))
+        units.append(_expert_unit(prefix, e, "down_proj", layer, (Hd, Id), f"{prefix}.down_proj", (0, Hd), 0,
+                                  down_layout))
     return units
 
 
-def _router_unit(name: str, module: nn.Module, layer: int | None) -> Unit:
-    weight = module.weight
-    if weight.ndim != 2:
-        raise ValueError(f"{name}: router weight of shape {tuple(weight.shape)} not understood")
-    return Unit(name, "router", layer, None, "weight", tuple(weight.shape), f"{name}.weight")
+def _flat_glu_units(prefix: str, experts: nn.Module, layer: int | None) -> list[Unit]:
+    """DBRX: ``mlp.w1`` (gate), ``mlp.v1`` (up) [E*I, H] and ``mlp.w2`` [E*I, H] used as x @ w2 (down, transposed)."""
+    mlp = experts.mlp
+    if isinstance(mlp.w1, PackedWeight):  # quantized: [E, I, H], [E, I, H], [E, H, I]
+        E, I, H = mlp.w1.shape
+        layouts = ("rows", "rows", "rows")
+    else:
+        E = experts.num_experts
+        I, H = mlp.w1.shape[0] // E, mlp.w1.shape[1]
+        layouts = ("flat_rows", "flat_rows", "flat_cols")
+    units = []
+    for e in range(E):
+        for (proj, pname, shape), layout in zip(
+            (("gate_proj", "w1", (I, H)), ("up_proj", "v1", (I, H)), ("down_proj", "w2", (H, I))), layouts
+        ):
+            units.append(_expert_unit(prefix, e, proj, layer, shape, f"{prefix}.mlp.{pname}", (0, shape[0]), 0,
+                                      layout))
+    return units
 
 
-def _moe_block_units(prefix: str, block: nn.Module, layer: int | None) -> list[Unit]:
+def _router_units(name: str, module: nn.Module, layer: int | None) -> list[Unit]:
+    """A router's weight, or, for a router that wraps its linear(s) (DBRX's ``router.layer``,
+    AFMoE's ``router.gate``, Zaya's router MLP), every linear inside it."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        if weight.ndim != 2:
+            raise ValueError(f"{name}: router weight of shape {tuple(weight.shape)} not understood")
+        return [Unit(name, "router", layer, None, "weight", tuple(weight.shape), f"{name}.weight")]
+    linears = [(sub, m) for sub, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{name}: router {type(module).__name__} has neither a weight nor an nn.Linear inside")
+    return [Unit(f"{name}.{sub}", "router", layer, None, "weight", (m.out_features, m.in_features),
+                 f"{name}.{sub}.weight") for sub, m in linears]
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    return any(p.ndim >= 2 for p in module.parameters())
+
+
+def _looks_like_moe(module: nn.Module) -> str | None:
+    """Why an unknown module may hold MoE structure (then it is an error, not kept): a 3D+
+    parameter outside a convolution, or a submodule named like experts or a router."""
+    for sub, m in module.named_modules():
+        last = sub.rsplit(".", 1)[-1]
+        if sub and ("expert" in last or "router" in last or last == "gate" or last.endswith("_gate")):
+            return f"holds a submodule {sub!r} ({type(m).__name__})"
+        if isinstance(m, nn.modules.conv._ConvNd):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.ndim >= 3:
+                return f"holds a {p.ndim}D parameter {(sub + '.' if sub else '') + pname} {tuple(p.shape)}"
+    return None
+
+
+def _keep(kept: dict[str, str], path: str, module: nn.Module, where: str) -> None:
+    """Records an unknown module as kept in floating point, or raises if it may be MoE structure."""
+    why = _looks_like_moe(module)
+    if why:
+        raise ValueError(f"{path}: module {type(module).__name__} {where} not understood: it {why}")
+    if _holds_weights(module):
+        kept[path] = f"{type(module).__name__}: not a unit kind moe_ao quantizes; kept in floating point"
+
+
+def _moe_block_units(prefix: str, block: nn.Module, layer: int | None, kept: dict[str, str]) -> list[Unit]:
     units: list[Unit] = []
     for child_name, child in block.named_children():
-        path = f"{prefix}.{child_name}"
-        if child_name == "experts":
-            if isinstance(child, nn.ModuleList):
-                for e, mlp in enumerate(child):
-                    if not _is_mlp(mlp):
-                        raise ValueError(f"{path}.{e}: expert module {type(mlp).__name__} not understood")
-                    units += _mlp_units(f"{path}.{e}", mlp, "expert", layer, e)
-            elif hasattr(child, "down_proj") and child.down_proj.ndim == 3:
-                units += _fused_expert_units(path, child, layer)
-            else:
-                raise ValueError(f"{path}: experts module {type(child).__name__} not understood")
-        elif child_name in ROUTER_NAMES or child_name.endswith("_gate"):
-            units.append(_router_unit(path, child, layer))
-        elif child_name in SHARED_NAMES and _is_mlp(child):
-            units += _mlp_units(path, child, "shared_expert", layer, None)
-        elif any(p.ndim >= 2 for p in child.parameters()):
-            raise ValueError(f"{path}: module {type(child).__name__} inside MoE block {prefix} not understood")
+        units += _moe_child_units(prefix, child_name, child, layer, kept)
     return units
 
 
-def _layer_units(prefix: str, layer_module: nn.Module, layer: int) -> list[Unit]:
+def _moe_child_units(prefix: str, child_name: str, child: nn.Module, layer: int | None,
+                     kept: dict[str, str]) -> list[Unit]:
+    """Units of one child of an MoE block (or of a decoder layer that is its own MoE block, Gemma 4)."""
+    path = f"{prefix}.{child_name}"
+    if child_name == "experts":
+        if isinstance(child, nn.ModuleList):
+            units = []
+            for e, mlp in enumerate(child):
+                if not _is_mlp(mlp):
+                    raise ValueError(f"{path}.{e}: expert module {type(mlp).__name__} not understood")
+                units += _mlp_units(f"{path}.{e}", mlp, "expert", layer, e)
+            return units
+        if isinstance(getattr(child, "down_proj", None), torch.Tensor) or hasattr(child, "mlp"):
+            return _fused_expert_units(path, child, layer)
+        raise ValueError(f"{path}: experts module {type(child).__name__} not understood")
+    if child_name in ROUTER_NAMES or child_name.endswith("_gate"):
+        return _router_units(path, child, layer)
+    if child_name in SHARED_NAMES and _is_mlp(child):
+        return _mlp_units(path, child, "shared_expert", layer, None)
+    if _holds_weights(child):
+        _keep(kept, path, child, f"inside MoE block {prefix}")
+    return []
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that multiplies through nn.Linear.forward (F.linear): a packed weight serves it.
+    Subclasses with their own forward (DeepSeek-V4's grouped output projection views its weight)
+    are kept in float."""
+    return isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward,)
+
+
+def _layer_units(prefix: str, layer_module: nn.Module, layer: int, kept: dict[str, str]) -> list[Unit]:
     units: list[Unit] = []
-    claimed: set[str] = set()
     for child_name, child in layer_module.named_children():
         path = f"{prefix}.{child_name}"
         if child_name in ATTENTION_NAMES:
             for sub, lin in child.named_modules():
-                if isinstance(lin, nn.Linear):
+                if isinstance(lin, nn.Linear) and not _plain_linear(lin):
+                    kept[f"{path}.{sub}"] = (f"{type(lin).__name__}: an nn.Linear with its own forward (reads its "
+                                             f"weight as a plain tensor); kept in floating point")
+                elif isinstance(lin, nn.Linear):
                     proj = sub.rsplit(".", 1)[-1]
                     units.append(
                         Unit(f"{path}.{sub}", "attention", layer, None, proj,
                              (lin.out_features, lin.in_features), f"{path}.{sub}.weight")
                     )
         elif hasattr(child, "experts"):
-            units += _moe_block_units(path, child, layer)
+            units += _moe_block_units(path, child, layer, kept)
+        elif isinstance(getattr(layer_module, "experts", None), nn.Module) and (
+                child_name == "experts" or child_name in ROUTER_NAMES):  # the layer is its own MoE block
+            units += _moe_child_units(prefix, child_name, child, layer, kept)
+        elif tables := [n for n, m in child.named_modules() if isinstance(m, nn.Embedding)]:
+            raise NotImplementedError(
+                f"{path}: {type(child).__name__} holds routed experts as nn.Embedding tables {tables} "
+                f"(single-neuron product-key experts); moe_ao quantizes experts stored as linear weights only")
         elif _is_mlp(child):
             units += _mlp_units(path, child, "dense_mlp", layer, None)
-        else:
-            continue
-        claimed.add(child_name)
-    for child_name, child in layer_module.named_children():
-        if child_name not in claimed and any(p.ndim >= 2 for p in child.parameters()):
-            raise ValueError(
-                f"{prefix}.{child_name}: module {type(child).__name__} in decoder layer {layer} not understood"
-            )
+        elif _holds_weights(child):
+            _keep(kept, path, child, f"in decoder layer {layer}")
     return units
 
 
@@ -188,11 +296,25 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
-def units(model: nn.Module) -> list[Unit]:
+class Units(list):
+    """The unit list, plus ``kept``: module FQN -> why it stays in floating point.
+
+    Modules that are none of the unit kinds (linear-attention / SSM / short-conv mixers,
+    hyper-connections, per-layer input gates, ...) are not a reason to refuse a model:
+    they are listed here by name and left as they are.
+    """
+
+    def __init__(self, items: Iterable[Unit] = (), kept: dict[str, str] | None = None) -> None:
+        super().__init__(items)
+        self.kept = dict(kept or {})
+
+
+def units(model: nn.Module) -> Units:
     """Every quantizable linear of ``model``, by logical role, in model order.
 
-    Name-based discovery first; where it raises ValueError, the dataflow graph pass
-    (:func:`moe_ao.passes.find_moe_units`) is tried on the whole model.
+    Name-based discovery first; where it raises ValueError (MoE structure it cannot read),
+    the dataflow graph pass (:func:`moe_ao.passes.find_moe_units`) is tried on the whole
+    model. Modules of no unit kind are kept in floating point and named in ``.kept``.
 
     Args:
         model: a transformers causal LM (or its base model) with MoE or dense layers.
@@ -202,13 +324,14 @@ def units(model: nn.Module) -> list[Unit]:
         embedding and lm_head (listed, left alone by default).
 
     Raises:
-        ValueError: a module holding weights was understood neither by names nor by
-            the graph pass (both reasons are in the message).
+        ValueError: MoE structure was understood neither by names nor by the graph pass
+            (both reasons are in the message).
+        NotImplementedError: experts stored in a form moe_ao cannot quantize (named).
     """
     try:
         return _named_units(model)
     except ValueError as by_name:
-        return _graph_units(model, by_name)
+        return Units(_graph_units(model, by_name))
 
 
 def _graph_units(model: nn.Module, by_name: ValueError) -> list[Unit]:
@@ -224,19 +347,20 @@ def _graph_units(model: nn.Module, by_name: ValueError) -> list[Unit]:
 def _named_units(model: nn.Module) -> list[Unit]:
     """Name-based discovery (see the module docstring); raises ValueError on unknown modules."""
     found: list[Unit] = []
+    kept: dict[str, str] = {}
     list_name, layer_list = decoder_layers(model)
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and layer_index(name) is None:
             found.append(Unit(name, "embedding", None, None, "weight",
                               tuple(module.weight.shape), f"{name}.weight"))
     for i, layer_module in enumerate(layer_list):
-        found += _layer_units(f"{list_name}.{i}", layer_module, i)
+        found += _layer_units(f"{list_name}.{i}", layer_module, i, kept)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Linear):
         head_name = next(n for n, m in model.named_modules() if m is head)
         found.append(Unit(head_name, "lm_head", None, None, "weight",
                           (head.out_features, head.in_features), f"{head_name}.weight"))
-    return found
+    return Units(found, kept)
 
 
 def as_units(model_or_units: nn.Module | Iterable[Unit]) -> list[Unit]:
@@ -247,12 +371,31 @@ def as_units(model_or_units: nn.Module | Iterable[Unit]) -> list[Unit]:
 
 
 def unit_weight(model: nn.Module, unit: Unit) -> torch.Tensor:
-    """The unit's weight [out, in] as a view of the stored parameter (no copy)."""
+    """The unit's weight [out, in] as a view of the stored parameter (no copy), whatever its layout."""
     param = model.get_parameter(unit.param)
-    if unit.fused:
-        w = param[unit.expert]
-        return w[unit.rows[0]: unit.rows[1]]
-    return param
+    if not unit.fused:
+        return param
+    r0, r1 = unit.rows
+    layout = "rows" if isinstance(param, PackedWeight) else unit.layout
+    if layout == "rows":
+        return param[unit.expert][r0:r1]
+    if layout == "cols":
+        return param[unit.expert].T[r0:r1]
+    if layout == "cols_interleaved":  # gate = columns 0, 2, 4, ...; up = 1, 3, 5, ...
+        return param[unit.expert].T[unit.segment::2]
+    if layout == "flat_rows":
+        return param.view(-1, unit.shape[0], param.shape[-1])[unit.expert][r0:r1]
+    return param.view(-1, unit.shape[1], param.shape[-1])[unit.expert].T[r0:r1]  # flat_cols
+
+
+def packed_shape(param: torch.Tensor, param_units: list[Unit]) -> tuple[int, ...]:
+    """The logical shape a parameter takes once packed: its own, except that banks in another
+    layout than ``rows`` are repacked to [E, out, in] with [gate; up] rows (moe_ao.unit.LAYOUTS)."""
+    u0 = param_units[0]
+    if not u0.fused or u0.layout == "rows":
+        return tuple(param.shape)
+    E = param.shape[0] if u0.layout.startswith("cols") else len({u.expert for u in param_units})
+    return (E, max(u.rows[1] for u in param_units), u0.shape[1])
 
 
 def describe(units_list: Iterable[Unit]) -> dict[str, Any]:

@@ -21,6 +21,8 @@ Shapes: T tokens, k = top-k, S = T*k routed pairs, E experts, H hidden, I interm
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from moe_ao.kernels import dispatch
@@ -72,25 +74,113 @@ def _dense_experts(module: torch.nn.Module, up_bank: torch.Tensor, hidden: torch
     return out
 
 
+def _bank_linear(module: torch.nn.Module, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row s of x [S, K] times expert ids[s] of a bank -> [S, N], columns in the module's own order.
+
+    A packed bank is always [E, N, K] with [gate; up] rows (transposed banks are repacked at
+    quantize time); for a module whose gate and up columns are interleaved (gpt-oss) its
+    output is interleaved back, so the module's ``_apply_gate`` and biases apply unchanged.
+    A plain bank is read in the module's own layout.
+    """
+    if isinstance(bank, PackedWeight):
+        out = _packed_experts(bank, x, ids)
+        if not getattr(module, "is_concatenated", True) and bank is _up_bank(module):
+            out = torch.stack(out.chunk(2, dim=-1), dim=-1).flatten(-2)  # [g; u] -> g0 u0 g1 u1 ...
+        return out
+    if getattr(module, "is_transposed", False):  # [E, K, N]
+        return torch.bmm(x.unsqueeze(1), bank[ids]).squeeze(1)
+    return _plain_experts(bank, x, ids)
+
+
+def _up_bank(module: torch.nn.Module) -> torch.Tensor:
+    return module.gate_up_proj if module.has_gate else module.up_proj
+
+
+def _simple_layout(module: torch.nn.Module) -> bool:
+    """[E, out, in] banks, [gate; up], no biases: the sorted grouped-mm path for plain banks applies."""
+    return not (getattr(module, "is_transposed", False) or getattr(module, "has_bias", False)
+                or not getattr(module, "is_concatenated", True))
+
+
 def moe_ao_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Experts forward over plain or packed weights. hidden [T, H] -> [T, H]."""
+    """Experts forward over plain or packed weights. hidden [T, H] -> [T, H].
+
+    Expert biases (gpt-oss) stay in float and are added after the packed matmul; the
+    module's own gate (gpt-oss's clamped swiglu) applies to the up projection's output.
+    """
     T, H = hidden_states.shape
     k = top_k_index.shape[-1]
     ids = top_k_index.reshape(-1)  # [S]
-    up_bank = self.gate_up_proj if self.has_gate else self.up_proj  # [E, 2I or I, H]
-    if isinstance(up_bank, PackedWeight) or isinstance(self.down_proj, PackedWeight):
+    up_bank = _up_bank(self)  # [E, 2I or I, H] (packed, or plain in the module's layout)
+    if isinstance(up_bank, PackedWeight) or isinstance(self.down_proj, PackedWeight) or not _simple_layout(self):
         x = hidden_states.repeat_interleave(k, dim=0)  # [S, H]; the kernels group rows by expert themselves
-        h = _activate(self, _experts(up_bank, x, ids))  # [S, 2I] -> [S, I]
-        out = _experts(self.down_proj, h, ids)  # [S, H]
+        h = _bank_linear(self, up_bank, x, ids)  # [S, 2I]
+        if getattr(self, "has_bias", False):
+            h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids].to(h.dtype)
+        h = _activate(self, h)  # [S, I]
+        out = _bank_linear(self, self.down_proj, h, ids)  # [S, H]
+        if getattr(self, "has_bias", False):
+            out = out + self.down_proj_bias[ids].to(out.dtype)
     else:
         out = _dense_experts(self, up_bank, hidden_states, ids, k)
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
     out = out.view(T, k, H) * top_k_weights.unsqueeze(-1).to(out.dtype)
     return out.sum(dim=1).to(hidden_states.dtype)
+
+
+def llama4_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Llama 4's experts: every expert on its own block of rows, [E*T, H] -> [E*T, H].
+
+    Llama4TextMoe scales each expert's copy of the tokens by its routing score (0 for
+    experts not chosen), as Llama4TextExperts.forward expects; its banks are [E, H, 2I]
+    and [E, I, H] in float, [E, 2I, H] and [E, H, I] once packed.
+    """
+    E = self.num_experts
+    x = hidden_states.reshape(-1, self.hidden_size)  # [E*T, H]
+    ids = torch.arange(E, device=x.device).repeat_interleave(x.shape[0] // E)  # [E*T]
+    gate_up = _any_bank(self.gate_up_proj, x, ids)  # [E*T, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _any_bank(self.down_proj, up * self.act_fn(gate), ids).to(hidden_states.dtype)
+
+
+def _any_bank(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Packed [E, N, K] or plain transposed [E, K, N] bank (Llama 4's float layout) -> [S, N]."""
+    if isinstance(bank, PackedWeight):
+        return _packed_experts(bank, x, ids)
+    return torch.bmm(x.unsqueeze(1), bank[ids]).squeeze(1)
+
+
+def dbrx_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """DBRX's experts over its packed banks w1, v1 [E, I, H] and w2 [E, H, I] (repacked from [E*I, H])."""
+    B = hidden_states.shape[0]
+    x = hidden_states.reshape(-1, self.hidden_size)  # [T, H]
+    k = top_k_index.shape[-1]
+    ids = top_k_index.reshape(-1)  # [S]
+    xs = x.repeat_interleave(k, dim=0)  # [S, H]
+    mlp, shape = self.mlp, (self.num_experts, self.ffn_hidden_size, self.hidden_size)
+
+    def bank(w: torch.Tensor, inp: torch.Tensor, transposed: bool) -> torch.Tensor:
+        if isinstance(w, PackedWeight):
+            return _packed_experts(w, inp, ids)
+        w = w.view(shape)[ids]  # [S, I, H]
+        return torch.bmm(inp.unsqueeze(1), w).squeeze(1) if transposed else torch.bmm(w, inp.unsqueeze(-1)).squeeze(-1)
+
+    h = mlp.activation_fn(bank(mlp.w1, xs, False)) * bank(mlp.v1, xs, False)  # [S, I]
+    out = bank(mlp.w2, h, True)  # [S, H]
+    out = (out.view(-1, k, self.hidden_size) * top_k_weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+    return out.to(hidden_states.dtype).view(B, -1, self.hidden_size)
+
+
+# Experts classes transformers does not dispatch through ExpertsInterface whose own forward
+# would call raw-tensor ops (bmm, view) on a packed bank: class name -> moe_ao's forward.
+CUSTOM_FORWARDS = {"Llama4TextExperts": llama4_experts_forward, "DbrxExperts": dbrx_experts_forward}
 
 
 def register() -> None:
@@ -104,6 +194,10 @@ def register() -> None:
 def select(model: torch.nn.Module) -> None:
     """Makes every fused experts module of ``model`` dispatch to moe_ao's forward."""
     register()
+    for module in model.modules():
+        forward = CUSTOM_FORWARDS.get(type(module).__name__)
+        if forward is not None:
+            module.forward = types.MethodType(forward, module)
     if hasattr(model, "set_experts_implementation"):
         try:
             model.set_experts_implementation(IMPLEMENTATION)

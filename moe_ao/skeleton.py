@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["meta_model", "rebuild_buffers"]
+__all__ = ["causal_lm_class", "meta_model", "rebuild_buffers"]
 
 
 def rebuild_buffers(model: nn.Module) -> None:
@@ -30,8 +30,30 @@ def rebuild_buffers(model: nn.Module) -> None:
         model._init_weights(owner)  # what from_pretrained does: e.g. recomputes rotary inv_freq
 
 
+def causal_lm_class(config: Any) -> type[nn.Module]:
+    """The causal-LM class for ``config``: AutoModelForCausalLM's mapping, or, for architectures it
+    does not map (Mistral 4's config has no causal-LM entry in transformers 5.24), the class its
+    ``config.architectures`` names.
+
+    Raises:
+        ValueError: neither gives a class.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) in mapping:
+        return mapping[type(config)]
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    raise ValueError(f"{type(config).__name__}: AutoModelForCausalLM does not map it and config.architectures "
+                     f"{getattr(config, 'architectures', None)} names no transformers class")
+
+
 def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
-    """``AutoModelForCausalLM.from_config(config)`` with its parameters on the meta device.
+    """``causal_lm_class(config)._from_config(config)`` with its parameters on the meta device.
 
     Args:
         config: a transformers config.
@@ -41,9 +63,7 @@ def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
         The model in eval mode: real non-persistent buffers, meta parameters and
         persistent buffers (to be assigned from a checkpoint).
     """
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype)
+        model = causal_lm_class(config)._from_config(config, dtype=dtype or config.dtype)
     rebuild_buffers(model)
     return model.eval()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from moe_ao.choices import Choice
 
-__all__ = ["KINDS", "Kind", "Unit", "layer_index"]
+__all__ = ["KINDS", "LAYOUTS", "Kind", "Unit", "layer_index"]
 
 
 class Kind(Choice):
@@ -28,6 +28,16 @@ class Kind(Choice):
 
 
 KINDS = tuple(k.value for k in Kind)
+
+# How a fused experts parameter stores one expert's [out, in] weight. E experts, N out rows
+# (gate rows then up rows where there are two segments), K in features.
+LAYOUTS = {
+    "rows": "[E, N, K]: expert e's rows (transformers' default)",
+    "cols": "[E, K, N]: transposed (is_transposed: gpt-oss, Aria, Llama 4)",
+    "cols_interleaved": "[E, K, N], gate and up columns interleaved (gpt-oss: gate = [..., ::2], up = [..., 1::2])",
+    "flat_rows": "[E*N, K]: experts stacked along rows of a 2D parameter (DBRX w1, v1)",
+    "flat_cols": "[E*K, N]: experts stacked, each transposed (DBRX w2)",
+}
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
@@ -47,6 +57,8 @@ class Unit:
         rows: (start, stop) rows of this unit inside the stored 2D weight
             (for fused tensors: inside ``param[expert]``).
         segment: index of the row segment inside a fused weight (gate=0, up=1).
+        layout: how the float parameter stores the unit's [out, in] weight (see LAYOUTS);
+            a packed (quantized) parameter is always ``"rows"``: [E, out, in], [gate; up].
     """
 
     name: str
@@ -59,9 +71,12 @@ class Unit:
     fused: bool = False
     rows: tuple[int, int] | None = None
     segment: int = 0
+    layout: str = "rows"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", Kind.parse(self.kind, f"{self.name}: kind"))
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{self.name}: layout {self.layout!r}; allowed: {sorted(LAYOUTS)}")
 
     @property
     def numel(self) -> int:

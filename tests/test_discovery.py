@@ -149,7 +149,7 @@ def test_fused_unit_weight_rows(arch):
 
 
 @pytest.mark.parametrize("where", ["decoder_layer", "moe_block"])
-def test_unknown_module_with_weights_raises(where):
+def test_unknown_module_is_kept_in_float_and_named(where):
     model = archs.build("mixtral")
     if where == "decoder_layer":
         model.model.layers[1].adapter = nn.Sequential(nn.Linear(64, 64))
@@ -157,7 +157,24 @@ def test_unknown_module_with_weights_raises(where):
     else:
         model.model.layers[0].mlp.adapter = nn.Linear(64, 64)
         name = "model.layers.0.mlp.adapter"
-    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+    found = moe_ao.units(model)
+    assert list(found.kept) == [name] and "kept in floating point" in found.kept[name]
+    assert not any(u.param.startswith(name) for u in found)
+    assert [u.name for u in found] == [u.name for u in moe_ao.units(archs.build("mixtral"))]
+
+
+@pytest.mark.parametrize("where", ["decoder_layer", "moe_block"])
+def test_unknown_module_that_may_be_moe_raises(where):
+    model = archs.build("mixtral")
+    bank = nn.Module()
+    bank.w = nn.Parameter(torch.zeros(4, 64, 64))  # a 3D weight: maybe an experts bank, never kept silently
+    if where == "decoder_layer":
+        model.model.layers[1].adapter = bank
+        name = "model.layers.1.adapter"
+    else:
+        model.model.layers[0].mlp.adapter = bank
+        name = "model.layers.0.mlp.adapter"
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + r".*3D parameter w \(4, 64, 64\)"):
         moe_ao.units(model)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from moe_ao.discovery import unit_weight
+from moe_ao.discovery import packed_shape, unit_weight
 from moe_ao.primitives import QuantizedWeight, dequantize_codes
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.unit import Unit
@@ -46,17 +46,25 @@ def pack_param(
         results: quantized units (others are kept as float slices).
     """
     param = model.get_parameter(fqn)
+    shape = packed_shape(param, param_units)
     if param_units[0].fused:
         n_seg = max(u.segment for u in param_units) + 1
-        order = sorted(param_units, key=lambda u: (u.expert, u.segment))
+        by_slot = {(u.expert, u.segment): u for u in param_units}
+        R = shape[-2] // n_seg
+        # Slices without a unit (LongCat's zero-compute experts in gate_up_proj) stay in float.
+        order = [by_slot.get((e, g)) or (e, g) for e in range(shape[0]) for g in range(n_seg)]
     else:
-        n_seg, order = 1, param_units
+        n_seg, order, R = 1, param_units, None
     slices, errors = [], {}
     act_bits = {results[u.name].act_bits for u in param_units if u.name in results}
     if len(act_bits) > 1:
         raise ValueError(f"{fqn}: the units stored in this parameter ask for different act_bits "
                          f"{sorted(act_bits, key=str)}; one packed tensor quantizes its activations one way")
     for u in order:
+        if isinstance(u, tuple):
+            assert param_units[0].layout == "rows", f"{fqn=} {param_units[0].layout=}"
+            slices.append(param[u[0]][u[1] * R:(u[1] + 1) * R].detach())
+            continue
         W = unit_weight(model, u).detach()
         q = results.get(u.name)
         if q is None:
@@ -67,7 +75,7 @@ def pack_param(
         Wf, Wq = W.float(), dequantize_codes(q.codes, q.scale.float(), q.zero, q.bits, q.group_size)
         _check_storable(u, Wq, param.dtype)
         errors[u.name] = ((Wq - Wf).norm() / Wf.norm().clamp_min(1e-12)).item()
-    packed = PackedWeight.from_slices(slices, tuple(param.shape), n_seg, param.dtype,
+    packed = PackedWeight.from_slices(slices, shape, n_seg, param.dtype,
                                       act_bits=next(iter(act_bits), None))
     return packed, errors
 
