@@ -83,7 +83,7 @@ def _bank_linear(module: torch.nn.Module, bank: torch.Tensor, x: torch.Tensor, i
     A plain bank is read in the module's own layout.
     """
     if isinstance(bank, PackedWeight):
-        out = _packed_experts(bank, x, ids)
+        out = dispatch.experts_linear(x, bank, ids)
         if not getattr(module, "is_concatenated", True) and bank is _up_bank(module):
             out = torch.stack(out.chunk(2, dim=-1), dim=-1).flatten(-2)  # [g; u] -> g0 u0 g1 u1 ...
         return out
@@ -152,7 +152,7 @@ def llama4_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -
 def _any_bank(bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Packed [E, N, K] or plain transposed [E, K, N] bank (Llama 4's float layout) -> [S, N]."""
     if isinstance(bank, PackedWeight):
-        return _packed_experts(bank, x, ids)
+        return dispatch.experts_linear(x, bank, ids)
     return torch.bmm(x.unsqueeze(1), bank[ids]).squeeze(1)
 
 
@@ -168,7 +168,7 @@ def dbrx_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top
 
     def bank(w: torch.Tensor, inp: torch.Tensor, transposed: bool) -> torch.Tensor:
         if isinstance(w, PackedWeight):
-            return _packed_experts(w, inp, ids)
+            return dispatch.experts_linear(inp, w, ids)
         w = w.view(shape)[ids]  # [S, I, H]
         return torch.bmm(inp.unsqueeze(1), w).squeeze(1) if transposed else torch.bmm(w, inp.unsqueeze(-1)).squeeze(-1)
 
