@@ -9,6 +9,8 @@ Typical use::
     moe_ao.save_quantized(model, "out/")
 """
 
+__version__ = "0.1.0"  # before the imports: moe_ao.stream writes it into checkpoints
+
 from moe_ao import calibration, models, planner, profiling  # noqa: F401  (submodules the README uses)
 from moe_ao.api import MoEPlanConfig, QuantizationReport, quantization_report, quantize_, quantized_plan, whole_model
 from moe_ao.checkpoint import load_quantized, save_quantized
@@ -19,6 +21,7 @@ from moe_ao.planner import plan
 from moe_ao.plans import Plan, QuantSpec
 from moe_ao.quant.configs import GPTQConfig, RTNConfig
 from moe_ao.report import memory_report
+from moe_ao.stream import quantize_pretrained
 from moe_ao.tensors.packed import PackedWeight
 from moe_ao.unit import Kind, Unit
 
@@ -38,12 +41,12 @@ __all__ = [
     "plan",
     "quantization_report",
     "quantize_",
+    "quantize_pretrained",
     "quantized_plan",
     "save_quantized",
     "units",
     "whole_model",
 ]
-__version__ = "0.1.0"
 
 # transformers finds third-party quantization methods only in its registry (no entry
 # points): registering here is what makes from_pretrained load moe_ao checkpoints.
