@@ -109,6 +109,10 @@ def cut(src: Path, layers: int) -> Path:
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     cfg = json.loads((src / "config.json").read_text())
     cfg["num_hidden_layers"] = layers
+    if isinstance(cfg.get("layer_types"), list):  # per-layer lists must match the depth
+        cfg["layer_types"] = cfg["layer_types"][:layers]
+    if isinstance(cfg.get("mlp_only_layers"), list):
+        cfg["mlp_only_layers"] = [i for i in cfg["mlp_only_layers"] if i < layers]
     (out / "config.json").write_text(json.dumps(cfg))
     return out
 
@@ -130,7 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True, help="where the random checkpoints go (tens of GB)")
     ap.add_argument("--models", nargs="+", default=["olmoe", "qwen"])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--methods", nargs="*", default=["rtn", "gptq"], help="none: only the cut depths")
     ap.add_argument("--depths", nargs="*", type=int, default=[8, 16], help="also run these cut depths (qwen, RTN)")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--out", default="benchmarks/results/streaming.md")
