@@ -102,6 +102,10 @@ class Head:
     def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [b, L, V] for the final hidden states [b, L, d] of token ids [b, L],
         in float32 or wider (float64 stays float64)."""
+        return self.forward(ids, hidden)
+
+    def forward(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` under the caller's grad mode (differentiable in ``hidden``)."""
         self._feed.hidden = hidden
         try:
             z = self.shell(ids.to(hidden.device), use_cache=False).logits
