@@ -103,6 +103,23 @@ def gather_dict(part: dict[str, Any], what: str) -> dict[str, Any]:
     return out
 
 
+def broadcast_object(obj: T, what: str) -> T:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group).
+
+    Raises:
+        DistributedError: the broadcast failed or timed out, naming ``what``.
+    """
+    rank, size = world()
+    if size == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise DistributedError(f"rank {rank}: receiving {what} from rank 0 failed ({e})") from e
+    return box[0]
+
+
 def barrier(what: str) -> None:
     """Waits for every rank; raises DistributedError naming ``what`` when one never comes."""
     rank, size = world()
