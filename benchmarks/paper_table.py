@@ -241,7 +241,7 @@ class ModelRun:
         """The profile plus estimated KL sensitivities (two passes), cached on disk with their time."""
         a = self.args
         key = _sha({"model": self.model_hash, "setup": self.setup, "quantizer": a.method, "estimator": ESTIMATOR,
-                    "samples": a.est_samples, "windows": a.est_windows, "seed": 0})
+                    "samples": a.est_samples, "windows": a.est_windows, "seed": 0, "labels": "per-window generator"})
         path = self.cache_dir / f"{self.tag}-kl-estimates-{key[:24]}.json"
         stats = copy.copy(self.stats)
         if path.exists():

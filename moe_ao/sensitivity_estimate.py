@@ -38,6 +38,10 @@ What it does not see (where it fails):
   same draw for every width and unit, so ratios between them are steadier;
 - like the measured table it scores each unit alone: summing assumes additive effects.
 
+Distributed: under torch.distributed every rank runs pass 1 on all windows (GPTQ's
+Hessians need them) and the gradients of every world-size-th window; the per-window
+terms are gathered and summed in window order, so the table equals one process's.
+
 Memory: the layer inputs of the estimated windows at every layer (windows x L x d floats
 x layers), each layer's candidates as codes, and one layer's working copy.
 
@@ -57,6 +61,7 @@ from torch import nn
 
 from moe_ao.discovery import decoder_layers, unit_weight
 from moe_ao.discovery import units as model_units
+from moe_ao.distributed import gather_dict, mine, world
 from moe_ao.plans import QuantSpec
 from moe_ao.primitives import QuantizedWeight, check_finite, scale_dtype_for
 from moe_ao.progress import Progress
@@ -112,11 +117,13 @@ def _candidates(layer: nn.Module, lp: str, units: list[Unit], layer_units: list[
     return outputs, dict(cands), fallbacks
 
 
-def _head_grads(head: Head, ids: list[torch.Tensor], final: LayerInputs, samples: int,
-                gen: torch.Generator) -> list[list[torch.Tensor]]:
-    """Per window and sample, ∂ Σ_t log p_t(ŷ_t) / ∂ (final hidden states) [1, L, d], ŷ_t ~ p_t."""
+def _head_grads(head: Head, ids: list[torch.Tensor], final: LayerInputs, samples: int, seed: int,
+                windows: list[int]) -> list[list[torch.Tensor]]:
+    """Per window and sample, ∂ Σ_t log p_t(ŷ_t) / ∂ (final hidden states) [1, L, d], ŷ_t ~ p_t
+    (window n's labels drawn from its own generator, so they do not depend on who draws them)."""
     out = []
-    for w, h in zip(ids, final.hidden):
+    for n, w, h in zip(windows, ids, final.hidden):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + n)
         with torch.enable_grad():
             x = h.detach().requires_grad_(True)
             logp = torch.log_softmax(head.forward(w, x), dim=-1)  # [1, L, V]
@@ -132,9 +139,9 @@ def _head_grads(head: Head, ids: list[torch.Tensor], final: LayerInputs, samples
 
 def _layer_backward(layer: nn.Module, lp: str, units: list[Unit], cands: dict[str, dict[int, QuantizedWeight]],
                     bits: Sequence[int], inputs: LayerInputs, grads: list[list[torch.Tensor]], need_input: bool,
-                    acc: dict[str, torch.Tensor]) -> None:
+                    windows: list[int], acc: dict[str, torch.Tensor]) -> None:
     """Recomputes the layer per window, replaces ``grads`` by its input gradients (if ``need_input``)
-    and adds each window's squared directional derivatives ⟨ΔW_b, ∇_W⟩² to ``acc[unit]`` [B]."""
+    and adds each window's squared directional derivatives ⟨ΔW_b, ∇_W⟩² to ``acc[unit][window]`` [B]."""
     local = {u.name: _local(u, lp) for u in units}
     params = sorted({local[u.name].param for u in units})
     named = dict(layer.named_parameters())
@@ -144,7 +151,7 @@ def _layer_backward(layer: nn.Module, lp: str, units: list[Unit], cands: dict[st
     for u in units:
         W = unit_weight(layer, local[u.name]).detach()
         deltas[u.name] = torch.stack([W - cands[u.name][b].dequantize(W.dtype) for b in bits])  # [B, R, K]
-    for n, (h, kw) in enumerate(inputs):
+    for n, (h, kw) in enumerate(inputs):  # n: position in this rank's share, windows[n]: the window
         with torch.enable_grad():
             x = h.detach().requires_grad_(need_input)
             out = layer(x, **kw)
@@ -160,9 +167,18 @@ def _layer_backward(layer: nn.Module, lp: str, units: list[Unit], cands: dict[st
                     g = by_param[local[u.name].param]
                     if g is not None:  # None: no token reached this parameter (an unused expert bank)
                         G = _unit_slice(g, u)  # [R, K]
-                        acc[u.name] += ((deltas[u.name] * G).sum((-2, -1)).double()) ** 2
+                        acc[u.name][windows[n]] += ((deltas[u.name] * G).sum((-2, -1)).double()) ** 2
     for p in params:
         named[p].requires_grad_(False)
+
+
+def _sum_over_ranks(acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's [n_win, B] rows added up (each row is non-zero on one rank only: exact)."""
+    rank, size = world()
+    if size == 1:
+        return acc
+    parts = gather_dict({f"{rank}:{k}": v for k, v in acc.items()}, "KL sensitivity estimates")
+    return {k: sum((parts[f"{r}:{k}"] for r in range(size)), torch.zeros_like(v)) for k, v in acc.items()}
 
 
 @torch.no_grad()
@@ -233,8 +249,9 @@ def estimate_kl_sensitivities(
     stored: list[LayerInputs] = []
     cands: dict[str, dict[int, QuantizedWeight]] = {}
     fallbacks: dict[str, str] = {}
+    ours = mine(range(n_win))  # under torch.distributed each rank takes every world-size-th window's gradients
     for i in range(len(layers)):
-        stored.append(LayerInputs(inputs.hidden[:n_win], inputs.kwargs[:n_win]))
+        stored.append(LayerInputs([inputs.hidden[n] for n in ours], [inputs.kwargs[n] for n in ours]))
         layer = _working_copy(model, i, compute_dtype)
         lp = f"{prefix}.{i}"
         if todo.get(i):
@@ -245,21 +262,24 @@ def estimate_kl_sensitivities(
         else:
             inputs = run_layer(layer, inputs)
         bar.update()
-    ids = [c.to(param.device) for c in calibration[:n_win].split(1)]
-    gen = torch.Generator().manual_seed(seed)
-    grads = _head_grads(Head(model, compute_dtype), ids, LayerInputs(inputs.hidden[:n_win], []), samples, gen)
+    ids = [calibration[n: n + 1].to(param.device) for n in ours]
+    grads = _head_grads(Head(model, compute_dtype), ids, LayerInputs([inputs.hidden[n] for n in ours], []), samples,
+                        seed, ours)
     del inputs
-    # Pass 2: backward, last layer first.
-    acc = {u.name: torch.zeros(len(bits), dtype=torch.float64) for u in units}
+    # Pass 2: backward, last layer first. Per unit, window and width the squared derivative [n_win, B]:
+    # rows of other ranks' windows stay 0, so the gathered sum is exact and summed in window order.
+    acc = {u.name: torch.zeros(n_win, len(bits), dtype=torch.float64) for u in units}
     for i in reversed(range(len(layers))):
         if todo.get(i) or i > 0:
             layer = _working_copy(model, i, compute_dtype)
-            _layer_backward(layer, f"{prefix}.{i}", todo.get(i, []), cands, bits, stored[i], grads, i > 0, acc)
+            _layer_backward(layer, f"{prefix}.{i}", todo.get(i, []), cands, bits, stored[i], grads, i > 0, ours, acc)
         stored[i] = None  # type: ignore[call-overload]
         bar.update()
     bar.close()
+    acc = _sum_over_ranks(acc)
     tokens = n_win * calibration.shape[1]
-    table = {u.name: {b: float(v) / (2 * samples * tokens) for b, v in zip(bits, acc[u.name])} for u in units}
+    table = {u.name: {b: float(v) / (2 * samples * tokens) for b, v in zip(bits, acc[u.name].sum(0))}
+             for u in units}
     meta = {"estimator": ESTIMATOR, "quantizer": quantizer, "windows": n_win, "samples": samples,
             "tokens": tokens, "seed": seed, "dtype": str(compute_dtype).split(".")[-1], "fallbacks": len(fallbacks)}
     return table, meta

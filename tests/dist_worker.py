@@ -20,6 +20,7 @@ import moe_ao  # noqa: E402
 from moe_ao import distributed  # noqa: E402
 from moe_ao.discovery import units  # noqa: E402
 from moe_ao.sensitivity import kl_sensitivities  # noqa: E402
+from moe_ao.sensitivity_estimate import estimate_kl_sensitivities  # noqa: E402
 
 
 def packed_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,10 +42,13 @@ def equal(out: pathlib.Path) -> None:
     planned = [u for u in units(model) if u.kind in ("attention", "expert")]
     table, _ = kl_sensitivities(model, ids, planned, {u.name: 32 for u in planned}, (2, 4), kl_windows=4,
                                 batch_size=4, progress=False)
+    estimate, _ = estimate_kl_sensitivities(model, ids, planned, {u.name: 32 for u in planned}, (2, 4),
+                                            progress=False)
     plan = moe_ao.Plan({u.name: (2 if u.kind == "expert" else 4) for u in planned}, group_size=32)
     moe_ao.quantize_(model, plan, method="gptq", calibration=ids, progress=False)
     if distributed.is_writer():
-        torch.save({"table": table, "tensors": packed_tensors(model), "world": distributed.world()[1]}, out)
+        torch.save({"table": table, "estimate": estimate, "tensors": packed_tensors(model),
+                    "world": distributed.world()[1]}, out)
 
 
 def die(out: pathlib.Path) -> None:
