@@ -127,9 +127,9 @@ def to_md(results: list[dict[str, Any]], args: argparse.Namespace, argv: list[st
               "|---|---|---:|---:|" + "---:|" * len(WIDTHS)]
     for r in results:
         for kind, s in r["spearman"].items():
-            lines.append(f"| {r['model']} | {kind} | {s['units']} | {s['pooled']:.3f} | "
+            lines.append(f"| {r['model']} | {kind} | {s['units']:.0f} | {s['pooled']:.3f} | "
                          + " | ".join(f"{s[f'{b}-bit']:.3f}" for b in WIDTHS) + " |")
-    lines += ["", f"Command: `python benchmarks/bench_sensitivity_estimate.py {' '.join(argv)}`".replace(" `", " `", 1)]
+    lines += ["", f"Command: `{' '.join(['python benchmarks/bench_sensitivity_estimate.py', *argv])}`"]
     return "\n".join(lines) + "\n"
 
 
