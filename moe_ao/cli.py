@@ -34,13 +34,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_sensitivity_args(p: argparse.ArgumentParser, plan_command: bool) -> None:
     if plan_command:
         what = ("knapsack only: kl = measured output KL per unit (best; when profiling now, minutes on the embedded"
-                " models; the default), hessian = Hessian-weighted error proxy (one pass). With --profile it picks"
-                " the profile's table (default: KL if the profile has one)")
-        p.add_argument("--sensitivity", choices=("kl", "hessian"), default=None, help=what)
+                " models; the default), estimate = the same KL estimated in two passes (a forward and a backward),"
+                " hessian = Hessian-weighted error proxy (one pass). With --profile it picks the profile's table"
+                " (default: measured KL if the profile has one, then the estimate, then the proxy)")
+        p.add_argument("--sensitivity", choices=("kl", "estimate", "hessian"), default=None, help=what)
     else:
-        what = ("measure every unit's KL sensitivity for the knapsack optimizer (a forward pass per unit and"
-                " width: minutes on the embedded models)")
-        p.add_argument("--sensitivity", choices=("kl",), default=None, help=what)
+        what = ("kl: measure every unit's KL sensitivity for the knapsack optimizer (a forward pass per unit and"
+                " width: minutes on the embedded models); estimate: estimate it in two passes")
+        p.add_argument("--sensitivity", choices=("kl", "estimate"), default=None, help=what)
     p.add_argument("--kl-windows", type=int, default=16, help="calibration windows the KL is measured on")
 
 
@@ -158,7 +159,8 @@ def _cmd_units(args: argparse.Namespace) -> None:
 def _cmd_profile(args: argparse.Namespace) -> None:
     from moe_ao import models
     from moe_ao.calibration import load_calibration
-    from moe_ao.planner import measure_sensitivities
+    from moe_ao.distributed import is_writer
+    from moe_ao.planner import estimate_sensitivities, measure_sensitivities
     from moe_ao.profiling import profile
 
     if args.sensitivity == "kl":  # measures on float32 copies of every layer: in memory
@@ -170,9 +172,12 @@ def _cmd_profile(args: argparse.Namespace) -> None:
     prof = profile(model, calib, hessians=args.hessians)
     if args.sensitivity == "kl":
         measure_sensitivities(model, calib, prof, group_size=_group_size(args.group_size), kl_windows=args.kl_windows)
+    elif args.sensitivity == "estimate":  # layer by layer, so it streams too
+        estimate_sensitivities(model, calib, prof, group_size=_group_size(args.group_size))
     prof.meta["source"] = args.calibration
-    prof.save(args.output)
-    print(json.dumps({str(k): v.tolist() for k, v in prof.routing_counts.items()}))
+    if is_writer():  # under torchrun every rank holds the same profile; rank 0 writes it
+        prof.save(args.output)
+        print(json.dumps({str(k): v.tolist() for k, v in prof.routing_counts.items()}))
 
 
 def _strategy_help() -> str:
@@ -196,8 +201,10 @@ DATA_STRATEGIES = (
 def _cmd_plan(args: argparse.Namespace) -> None:
     from moe_ao import models
     from moe_ao.calibration import load_calibration
+    from moe_ao.distributed import is_writer
     from moe_ao.planner import (
         PLANNED_KINDS,
+        estimate_sensitivities,
         get_strategy,
         heatmap,
         measure_sensitivities,
@@ -222,6 +229,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         sensitivity = sensitivity or "kl"
         calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, args.seed, model.config)
         stats = profile(model, calib, hessians=spec.optimizer and sensitivity == "hessian", seed=args.seed)
+        if spec.optimizer and sensitivity == "estimate" and "sensitivities" not in params:
+            estimate_sensitivities(model, calib, stats, group_size=group, kinds=params.get("kinds") or PLANNED_KINDS)
         if spec.optimizer and sensitivity == "kl" and "sensitivities" not in params:
             measure_sensitivities(
                 model,
@@ -241,6 +250,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
             raise
         model, _ = models.load(args.model)  # this strategy reads the weights: load them after all
         p = plan(model, args.strategy, **options, **params)
+    if not is_writer():  # under torchrun every rank computed the same plan; rank 0 writes it
+        return
     p.to_json(args.output)
     print(summarize(p, model))
     print(f"avg bits {p.avg_bits(model):.3f} (paper accounting), {p.true_avg_bits(model):.3f} true -> {args.output}")
@@ -262,6 +273,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
     from moe_ao import models
     from moe_ao.calibration import load_calibration
+    from moe_ao.distributed import is_writer
     from moe_ao.plans import Plan
     from moe_ao.stream import quantize_pretrained
 
@@ -275,7 +287,9 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         kwargs = {"calibration": calib, "act_order": args.act_order}
     # Streamed layer by layer from the checkpoint files (resumable; the float model is never whole
     # in memory); the same codes as moe_ao.quantize_ on the model loaded whole.
-    print(quantize_pretrained(path, plan, args.output, method=args.method, overwrite=args.overwrite, **kwargs))
+    out = quantize_pretrained(path, plan, args.output, method=args.method, overwrite=args.overwrite, **kwargs)
+    if is_writer():  # under torchrun the ranks split GPTQ by expert; rank 0 writes the checkpoint
+        print(out)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -311,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("moe_ao.progress").setLevel(logging.INFO)  # a line per stage when stderr is not a terminal
+    if args.cmd in ("profile", "plan", "quantize"):  # under torchrun: join the other ranks (gloo / nccl)
+        from moe_ao.distributed import init_from_env
+
+        init_from_env()
     try:
         COMMANDS[args.cmd](args)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -34,6 +34,11 @@ class Profile:
             Optional: the budget optimizer's best input.
         sensitivity_setup: how ``sensitivities`` were measured (quantizer, per-unit
             group sizes, symmetry, widths, tokens), checked against a plan's settings.
+        sensitivity_estimates: unit name -> {bits: KL}, the same table estimated to second
+            order from one forward and backward pass
+            (:func:`moe_ao.planner.estimate_sensitivities`); kept beside the measured one so
+            a profile can hold both and ``sensitivity="auto"`` can prefer the measured.
+        estimate_setup: how ``sensitivity_estimates`` were taken (as ``sensitivity_setup``).
         tokens: number of calibration tokens seen.
         meta: provenance (source, n_samples, seq_len, seed).
     """
@@ -45,6 +50,8 @@ class Profile:
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     sensitivities: dict[str, dict[int, float]] = field(default_factory=dict)
     sensitivity_setup: dict[str, Any] = field(default_factory=dict)
+    sensitivity_estimates: dict[str, dict[int, float]] = field(default_factory=dict)
+    estimate_setup: dict[str, Any] = field(default_factory=dict)
     tokens: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     # Results derived from the fields above (trained block predictors), kept for the

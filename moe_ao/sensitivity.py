@@ -21,6 +21,9 @@ is 3-6 minutes per model on two idle CPU cores (tiny-mixtral: 346 s). The Hessia
 (:func:`moe_ao.planner.scorers.sensitivity_table`) costs one profiling pass and is the
 scalable choice for models with thousands of experts.
 
+Distributed: under torch.distributed (``torchrun``) each rank measures every
+world-size-th unit of each layer and the tables are gathered, identical to one process's.
+
 Precision: 16-bit models run in float32 on CPU (GPUs keep the model's dtype), as the
 rounding noise of a 16-bit forward would swamp the KL of one 4- or 8-bit unit. Memory:
 a copy of the decoder layers in that dtype, the hidden states of the calibration set at
@@ -45,6 +48,7 @@ from torch import nn
 from moe_ao.calibration import check_token_ids
 from moe_ao.discovery import decoder_layers, unit_weight
 from moe_ao.discovery import units as model_units
+from moe_ao.distributed import gather_dict, mine
 from moe_ao.plans import QuantSpec
 from moe_ao.primitives import check_finite, scale_dtype_for
 from moe_ao.progress import Progress
@@ -102,6 +106,10 @@ class Head:
     def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [b, L, V] for the final hidden states [b, L, d] of token ids [b, L],
         in float32 or wider (float64 stays float64)."""
+        return self.forward(ids, hidden)
+
+    def forward(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` under the caller's grad mode (differentiable in ``hidden``)."""
         self._feed.hidden = hidden
         try:
             z = self.shell(ids.to(hidden.device), use_cache=False).logits
@@ -230,9 +238,10 @@ def _layer_kls(work: Sequence[nn.Module], i: int, lp: str, units: list[Unit], la
     fallbacks: dict[str, str] = {}
     if hess_inputs is not None:
         hessians, fallbacks = _hessians(layer, lp, units, layer_units, hess_inputs)
+    ours = mine(units)  # under torch.distributed each rank measures every world-size-th unit
     for b in quant.bits:
-        cands = _candidates(weights, units, hessians, b, quant)
-        for u in units:
+        cands = _candidates(weights, ours, hessians, b, quant)
+        for u in ours:
             with _swapped(layer, u, lp, cands[u.name]):
                 table.setdefault(u.name, {})[b] = ref.kl(_tail(work, i, inputs))
             bar.update()
@@ -329,6 +338,7 @@ def kl_sensitivities(
         if hess_inputs is not None:
             hess_inputs = run_layer(layer, hess_inputs)
     bar.close()
+    table = gather_dict(table, "KL sensitivities")
     if fallbacks:
         logger.info("KL sensitivities: GPTQ fell back for %d rare units", len(fallbacks))
     meta = {"quantizer": quantizer, "kl_tokens": int(measured.numel()), "dtype": str(compute_dtype).split(".")[-1],

@@ -46,6 +46,19 @@ def test_plan_then_quantize_round_trip(tmp_path, capsys):
     assert "not a moe_ao directory" in capsys.readouterr().err and (user / "precious.txt").read_text() == "keep"
 
 
+
+def test_streamed_profile_with_estimated_sensitivities_then_knapsack_plan(tmp_path):
+    prof, plan_file = tmp_path / "profile.pt", tmp_path / "plan.json"
+    assert main(["profile", "--model", "tiny-mixtral", "--n-samples", "2", "--seq-len", "32", "--sensitivity",
+                 "estimate", "--group-size", "32", "-o", str(prof)]) == 0
+    stats = Profile.load(str(prof))
+    assert len(stats.sensitivity_estimates) == 196 and not stats.sensitivities
+    assert stats.estimate_setup["tokens"] == 64 and stats.estimate_setup["quantizer"] == "gptq"
+    assert main(["plan", "--model", "tiny-mixtral", "--strategy", "knapsack", "--budget", "2.5", "--group-size", "32",
+                 "--profile", str(prof), "-o", str(plan_file)]) == 0
+    details = moe_ao.Plan.from_json(str(plan_file)).meta["details"]
+    assert details["sensitivity_source"] == "estimate" and details["sensitivity_requested"] == "auto"
+
 @pytest.mark.slow
 def test_profile_with_kl_sensitivities_then_knapsack_plan(tmp_path, capsys):
     prof, plan_file = tmp_path / "profile.pt", tmp_path / "plan.json"

@@ -8,6 +8,7 @@ optimizer) are registered by name; :func:`plan` dispatches::
     p = planner.plan(model, "outlier", budget_bits=2.5, group_size="auto")  # walk to a budget
     stats = planner.measure_sensitivities(model, calibration, profile, group_size=128)
     p = planner.plan(model, "knapsack", budget_bits=2.5, stats=stats)   # measured KL
+    stats = planner.estimate_sensitivities(model, calibration, profile, group_size=128)  # two passes
     print(planner.summarize(p, model))
 
 Modules, in dependency order: context (units, bases, group sizes), budget (ranking ->
@@ -39,7 +40,7 @@ from moe_ao.planner.builders import (
 from moe_ao.planner.context import BASES, PLANNED_KINDS, Context
 from moe_ao.planner.optimizer import Solution, solve
 from moe_ao.planner.predictor import BlockScore, PredictorConfig, block_scores
-from moe_ao.planner.scorers import measure_sensitivities, outlier_score, sensitivity_table
+from moe_ao.planner.scorers import estimate_sensitivities, measure_sensitivities, outlier_score, sensitivity_table
 from moe_ao.planner.strategies import STRATEGIES, get_strategy, parse_params, plan, strategy_help, strategy_names
 from moe_ao.planner.summary import heatmap, summarize
 
@@ -59,6 +60,7 @@ __all__ = [
     "block_scores",
     "blocks_random",
     "combination",
+    "estimate_sensitivities",
     "first_k",
     "fit_budget",
     "frequency",

@@ -48,6 +48,7 @@ class Sensitivity(Choice):
 
     AUTO = "auto"
     KL = "kl"
+    ESTIMATE = "estimate"
     HESSIAN = "hessian"
 
 
@@ -228,25 +229,49 @@ def _external_table(table: Mapping[str, Mapping[Any, float]], names: list[str]) 
     return {n: {int(b): float(v) for b, v in table[n].items()} for n in names}
 
 
-def _measured_table(ctx: Context, free: list[Unit]) -> tuple[dict[str, dict[int, float]], dict[str, Any]]:
-    """The Profile's measured KL table, checked to match the plan's group sizes and symmetry."""
+def _profile_table(ctx: Context, free: list[Unit], estimated: bool) -> tuple[dict[str, dict[int, float]],
+                                                                           dict[str, Any]]:
+    """The Profile's measured (or estimated) KL table, checked to match the plan's group sizes and symmetry."""
     stats = ctx.stats
-    if stats is None or not stats.sensitivities:
-        raise ValueError("sensitivity='kl' needs a Profile with measured sensitivities;"
-                         " pass stats=moe_ao.planner.measure_sensitivities(model, calibration, group_size=...)")
-    setup = stats.sensitivity_setup
+    table = None if stats is None else stats.sensitivity_estimates if estimated else stats.sensitivities
+    what = "estimated" if estimated else "measured"
+    if not table:
+        call = "estimate_sensitivities" if estimated else "measure_sensitivities"
+        raise ValueError(f"sensitivity={'estimate' if estimated else 'kl'!r} needs a Profile with {what}"
+                         f" sensitivities; pass stats=moe_ao.planner.{call}(model, calibration, group_size=...)")
+    setup = stats.estimate_setup if estimated else stats.sensitivity_setup
     if setup.get("symmetric", ctx.symmetric) != ctx.symmetric:
-        raise ValueError(f"the profile's sensitivities were measured with symmetric={setup['symmetric']},"
-                         f" the plan asks for symmetric={ctx.symmetric}; measure them again")
+        raise ValueError(f"the profile's sensitivities were {what} with symmetric={setup['symmetric']},"
+                         f" the plan asks for symmetric={ctx.symmetric}; {what[:-1]} them again")
     sizes = setup.get("group_sizes", {})
     wrong = [u.name for u in free if u.name in sizes and sizes[u.name] != ctx.group_sizes[u.name]]
     if wrong:
         u = wrong[0]
-        raise ValueError(f"{u}: the profile's sensitivities were measured at group_size={sizes[u]}, the plan uses"
-                         f" {ctx.group_sizes[u]} ({len(wrong)} units differ); plan with that group size or measure"
-                         f" again")
-    info = {"sensitivity": f"kl-{setup.get('quantizer', 'unknown')}", "kl_tokens": setup.get("kl_tokens")}
-    return _external_table(stats.sensitivities, [u.name for u in free]), info
+        raise ValueError(f"{u}: the profile's sensitivities were {what} at group_size={sizes[u]}, the plan uses"
+                         f" {ctx.group_sizes[u]} ({len(wrong)} units differ); plan with that group size or"
+                         f" {what[:-1]} again")
+    if estimated:
+        info = {"sensitivity": f"estimate-{setup.get('estimator', 'unknown')}-{setup.get('quantizer', 'unknown')}",
+                "estimate_tokens": setup.get("tokens")}
+    else:
+        info = {"sensitivity": f"kl-{setup.get('quantizer', 'unknown')}", "kl_tokens": setup.get("kl_tokens")}
+    return _external_table(table, [u.name for u in free]), info
+
+
+def resolve_sensitivity(sensitivity: str, stats: Any) -> str:
+    """``auto`` -> ``kl`` when the Profile holds a measured table, else ``estimate`` when it holds an
+    estimated one, else ``hessian``; any other choice is returned checked."""
+    sensitivity = Sensitivity.parse(sensitivity, "sensitivity")
+    if sensitivity != "auto":
+        return sensitivity
+    if stats is not None and stats.sensitivities:
+        return "kl"
+    if stats is not None and stats.sensitivity_estimates:
+        return "estimate"
+    return "hessian"
+
+
+SOURCES = {"kl": "measured", "estimate": "estimate", "hessian": "hessian-proxy"}
 
 
 def knapsack(
@@ -301,13 +326,13 @@ def knapsack(
         raise ValueError(f"kinds={kinds}: allowed are the planned kinds {planned_kinds}")
     free = [u for u in ctx.units if u.kind in kinds and u.kind != "router"]
     weights = accounting_weights(ctx.units)
-    sensitivity = Sensitivity.parse(sensitivity, "sensitivity")
-    if sensitivity == "auto":
-        sensitivity = "kl" if ctx.stats is not None and ctx.stats.sensitivities else "hessian"
+    requested = sensitivity
+    sensitivity = resolve_sensitivity(sensitivity, ctx.stats)
     if sensitivities is not None:
         table, info = _external_table(sensitivities, [u.name for u in free]), {"sensitivity": "external"}
-    elif sensitivity == "kl":
-        table, info = _measured_table(ctx, free)
+        info["sensitivity_source"] = "external"
+    elif sensitivity in ("kl", "estimate"):
+        table, info = _profile_table(ctx, free, estimated=sensitivity == "estimate")
     else:
         W = {u.name: ctx.weight(u) for u in free}
         table, info = sensitivity_table(
@@ -315,6 +340,8 @@ def knapsack(
         )
         kind = "frobenius" if info["fallback_units"] == len(free) else f"{hessian}-hessian"
         info["sensitivity"] = f"rtn-{kind}" + ("+frequency" if info["frequency_scaled_units"] else "")
+    info.setdefault("sensitivity_source", SOURCES[sensitivity])
+    info["sensitivity_requested"] = "external" if sensitivities is not None else str(requested)
     groups = [[u] for u in free] if serving is None else tie_groups(free, get_target(serving))
     target = None if serving is None else get_target(serving)
     opts = [[b for b in options if all(b in table[u.name] and (target is None or b in target.widths(u))

@@ -7,6 +7,8 @@
 - :func:`measure_sensitivities`: per unit and bit width, the measured model-output KL
   divergence of quantizing that unit alone (:mod:`moe_ao.sensitivity`; the budget
   optimizer's most faithful input, at a forward pass per unit and width).
+- :func:`estimate_sensitivities`: the same table estimated to second order from one
+  forward and one backward pass (:mod:`moe_ao.sensitivity_estimate`).
 
 Shapes: W is [out, in] = [R, K]; H is the unit's input second moment [K, K].
 """
@@ -24,6 +26,7 @@ from moe_ao.planner.context import PLANNED_KINDS, check_bits, group_sizes
 from moe_ao.primitives import rtn_quantize
 from moe_ao.profile_stats import Profile
 from moe_ao.sensitivity import kl_sensitivities
+from moe_ao.sensitivity_estimate import estimate_kl_sensitivities
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
@@ -191,9 +194,7 @@ def measure_sensitivities(
             widths, or :func:`~moe_ao.sensitivity.kl_sensitivities`' own errors.
     """
     widths = sorted({check_bits(b) for b in bits})
-    units = [u for u in as_units(model) if u.kind in kinds and u.kind != "router"]
-    if not units:
-        raise ValueError(f"the model has no units of kinds {list(kinds)} to measure")
+    units = _planned_units(model, kinds)
     sizes = group_sizes(units, group_size)
     table, meta = kl_sensitivities(model, calibration, units, sizes, widths, symmetric=symmetric,
                                    quantizer=quantizer, kl_windows=kl_windows, batch_size=batch_size,
@@ -203,4 +204,67 @@ def measure_sensitivities(
                                                                "seq_len": calibration.shape[1]})
     stats.sensitivities = table
     stats.sensitivity_setup = meta | {"symmetric": symmetric, "bits": widths, "group_sizes": sizes}
+    return stats
+
+
+def _planned_units(model: nn.Module, kinds: Sequence[str]) -> list[Unit]:
+    units = [u for u in as_units(model) if u.kind in kinds and u.kind != "router"]
+    if not units:
+        raise ValueError(f"the model has no units of kinds {list(kinds)} to measure")
+    return units
+
+
+def estimate_sensitivities(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    stats: Profile | None = None,
+    *,
+    group_size: int | str = 128,
+    symmetric: bool = True,
+    bits: Sequence[int] = (2, 3, 4, 8),
+    kinds: Sequence[str] = PLANNED_KINDS,
+    quantizer: str = "gptq",
+    windows: int | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> Profile:
+    """Estimates every planned unit's KL sensitivity in two passes and stores it in a Profile.
+
+    See :mod:`moe_ao.sensitivity_estimate` for what is estimated, its cost and where it
+    fails. The knapsack optimizer uses the table with ``sensitivity="estimate"``, or
+    ``"auto"`` when the Profile holds no measured table.
+
+    Args:
+        model: the float model (not changed; may be streamed).
+        calibration: int64 [n, L] windows: GPTQ's Hessians see all, the gradients the
+            first ``windows`` (default: all).
+        stats: a Profile to add the table to (default: a new one).
+        group_size: as for :func:`moe_ao.planner.plan` (an int or ``"auto"``).
+        symmetric: quantization symmetry.
+        bits: widths to estimate.
+        kinds: unit kinds to estimate (routers never are).
+        quantizer: ``gptq`` or ``rtn``.
+        windows: windows the gradients are taken on.
+        samples: sampled label sequences per window.
+        seed: label sampling seed.
+        progress: show a progress bar.
+
+    Returns:
+        ``stats`` (or the new Profile) with ``sensitivity_estimates`` and ``estimate_setup`` set.
+
+    Raises:
+        ValueError: as :func:`measure_sensitivities`, or bad ``windows`` / ``samples``.
+    """
+    widths = sorted({check_bits(b) for b in bits})
+    units = _planned_units(model, kinds)
+    sizes = group_sizes(units, group_size)
+    table, meta = estimate_kl_sensitivities(model, calibration, units, sizes, widths, symmetric=symmetric,
+                                            quantizer=quantizer, windows=windows, samples=samples, seed=seed,
+                                            progress=progress)
+    if stats is None:
+        stats = Profile(tokens=int(calibration.numel()), meta={"n_samples": calibration.shape[0],
+                                                               "seq_len": calibration.shape[1]})
+    stats.sensitivity_estimates = table
+    stats.estimate_setup = meta | {"symmetric": symmetric, "bits": widths, "group_sizes": sizes}
     return stats

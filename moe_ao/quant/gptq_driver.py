@@ -14,6 +14,11 @@ in_features, below which xxᵀ cannot have full rank and GPTQ overfits the few t
 it saw) is quantized with its layer's pooled Hessian (all tokens that entered the
 experts bank); if even that has fewer tokens, with RTN. Each fallback is listed in the
 report. A weight column is never zeroed.
+
+Distributed: under torch.distributed (``torchrun``) every rank runs the calibration
+forwards, and each phase's units (a layer's experts, mostly) are split round-robin over
+the ranks: each solves its own and the codes are gathered, so every rank writes the
+same quantized weights back and the next phase sees them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 
 from moe_ao.calibration import check_token_ids
 from moe_ao.discovery import decoder_layers, unit_weight
+from moe_ao.distributed import gather_dict, mine
 from moe_ao.plans import Plan
 from moe_ao.primitives import QuantizedWeight, check_finite, check_finite_params, scale_dtype_for
 from moe_ao.progress import progress
@@ -82,11 +88,13 @@ def _quantize_phase(
         weights[u.name] = W
         if H is not None:
             hessians[u.name] = H
-    quantized, losses = quantize_units(weights, {u.name: plan[u.name] for u in units}, hessians,
+    ours = {u.name for u in mine(units)}  # under torch.distributed each rank solves every world-size-th unit
+    quantized, losses = quantize_units({n: W for n, W in weights.items() if n in ours},
+                                       {u.name: plan[u.name] for u in units}, hessians,
                                        scale_dtype_for(stored), damp=config.damp, blocksize=config.blocksize,
                                        act_order=config.act_order)
-    results.update(quantized)
-    record["loss"].update(losses)
+    results.update(gather_dict(quantized, f"GPTQ codes of {prefix}"))
+    record["loss"].update(gather_dict(losses, f"GPTQ losses of {prefix}"))
     for u in units:
         _write_back(layer, prefix, u, results[u.name])
 

@@ -24,6 +24,7 @@ import torch
 
 from moe_ao import __version__
 from moe_ao.api import prepare, resolve_config, rtn_packed
+from moe_ao.distributed import barrier, broadcast_object, is_writer
 from moe_ao.packed_state import state_and_meta
 from moe_ao.plans import Plan
 from moe_ao.progress import Progress
@@ -95,16 +96,20 @@ def quantize_pretrained(
     streamed.preflight()
     model = streamed.model
     all_units, planned, report = prepare(model, plan, config)
-    job = StreamJob(out, _job_key(streamed, plan, config), overwrite)
-    if job.next_layer > 0:
-        job.verify_done()
-        logger.warning("%s: resuming after layer %d (from %s)", out, job.next_layer - 1, job.dir)
+    job, start, state = None, 0, None
+    if is_writer():  # under torch.distributed only rank 0 writes; the others follow its resume point
+        job = StreamJob(out, _job_key(streamed, plan, config), overwrite)
+        if job.next_layer > 0:
+            job.verify_done()
+            logger.warning("%s: resuming after layer %d (from %s)", out, job.next_layer - 1, job.dir)
+        start, state = job.next_layer, job.state()
+    start, state = broadcast_object((start, state), "the resume point")
     streamed.load_rest()
-    run, inputs = _start(model, plan, planned, all_units, config, report, job)
+    run, inputs = _start(model, plan, planned, all_units, config, report, state)
     n = len(streamed.layers)
     with Progress(n, "quantized layers", getattr(config, "progress", True)) as bar:
-        bar.update(job.next_layer)
-        for i in range(job.next_layer, n):
+        bar.update(start)
+        for i in range(start, n):
             try:
                 with streamed.layer(i):
                     keys = streamed.keys_of(i)
@@ -114,13 +119,15 @@ def quantize_pretrained(
                         packed, inputs = run.layer(i, inputs)
                     tensors, meta = state_and_meta(model, keys, packed)
             except (ValueError, RuntimeError) as e:
-                kept = f"layers 0-{i - 1} are finished and kept in {job.dir}" if i else "no layer was finished"
+                where = job.dir if job is not None else "rank 0's output"
+                kept = f"layers 0-{i - 1} are finished and kept in {where}" if i else "no layer was finished"
                 raise type(e)(f"layer {i}: {e} ({kept}; rerun the same command to resume; changed source files "
                               f"start over)") from e
             state = {"quantized": report.quantized, "extra": report.extra}
             if run is not None:
                 state |= {"inputs": inputs, "record": run.record}
-            job.write_layer(i, tensors, meta | {"keys": sorted(tensors)}, state)
+            if job is not None:
+                job.write_layer(i, tensors, meta | {"keys": sorted(tensors)}, state)
             bar.update()
     if run is not None:
         run.finish()
@@ -129,12 +136,16 @@ def quantize_pretrained(
     rest, rest_meta = state_and_meta(model, rest_keys, rest_packed)
     config_out = streamed.config
     config_out.dtype = streamed.dtype
-    return job.finish(rest, rest_meta, model, config_out, plan, report, _CopyTokenizer(Path(src)))
+    if job is None:
+        barrier("the checkpoint rank 0 writes")
+        return Path(out)
+    written = job.finish(rest, rest_meta, model, config_out, plan, report, _CopyTokenizer(Path(src)))
+    barrier("the checkpoint rank 0 writes")
+    return written
 
 
-def _start(model, plan, planned, all_units, config, report, job: StreamJob):
+def _start(model, plan, planned, all_units, config, report, state: dict[str, Any] | None):
     """The GPTQ run and layer inputs to continue from (None, None for RTN), restoring a resumed state."""
-    state = job.state()
     if state is not None:
         report.quantized.update(state["quantized"])
         report.extra.update(state["extra"])

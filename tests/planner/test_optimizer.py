@@ -167,7 +167,7 @@ def test_measured_table_must_match_the_plan(model, profile):
         plan(m, "knapsack", budget_bits=3.0, stats=prof, group_size=32)  # experts were not measured
     with pytest.raises(ValueError, match=r"sensitivity='kl' needs a Profile with measured sensitivities"):
         plan(m, "knapsack", budget_bits=3.0, stats=profile(m), sensitivity="kl", group_size=32)
-    with pytest.raises(ValueError, match=r"sensitivity='fisher'; allowed: \('auto', 'kl', 'hessian'\)"):
+    with pytest.raises(ValueError, match=r"sensitivity='fisher'; allowed: \('auto', 'kl', 'estimate', 'hessian'\)"):
         plan(m, "knapsack", budget_bits=3.0, sensitivity="fisher", group_size=32)
     with pytest.raises(ValueError, match=r"the model has no units of kinds \['router'\] to measure"):
         measure_sensitivities(m, ids, kinds=["router"], progress=False)

@@ -1,0 +1,68 @@
+"""One rank of the distributed tests (tests/test_distributed.py starts it with RANK / WORLD_SIZE set).
+
+    python tests/dist_worker.py equal OUT   # KL sensitivities + GPTQ codes of a tiny model -> OUT (rank 0)
+    python tests/dist_worker.py die OUT     # rank 1 exits at once; rank 0 records the error it gets
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import archs  # noqa: E402
+
+import moe_ao  # noqa: E402
+from moe_ao import distributed  # noqa: E402
+from moe_ao.discovery import units  # noqa: E402
+from moe_ao.sensitivity import kl_sensitivities  # noqa: E402
+from moe_ao.sensitivity_estimate import estimate_kl_sensitivities  # noqa: E402
+
+
+def packed_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every packed parameter's inner tensors (codes, scales, slot table) and the float ones."""
+    out = {}
+    for name, p in model.named_parameters():
+        if hasattr(p, "__tensor_flatten__") and type(p) is not torch.nn.Parameter:
+            for inner in p.__tensor_flatten__()[0]:
+                out[f"{name}.{inner}"] = getattr(p, inner).detach().clone()
+        else:
+            out[name] = p.detach().clone()
+    return out
+
+
+def equal(out: pathlib.Path) -> None:
+    torch.manual_seed(0)
+    model = archs.build("mixtral")
+    ids = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    planned = [u for u in units(model) if u.kind in ("attention", "expert")]
+    table, _ = kl_sensitivities(model, ids, planned, {u.name: 32 for u in planned}, (2, 4), kl_windows=4,
+                                batch_size=4, progress=False)
+    estimate, _ = estimate_kl_sensitivities(model, ids, planned, {u.name: 32 for u in planned}, (2, 4),
+                                            progress=False)
+    plan = moe_ao.Plan({u.name: (2 if u.kind == "expert" else 4) for u in planned}, group_size=32)
+    moe_ao.quantize_(model, plan, method="gptq", calibration=ids, progress=False)
+    if distributed.is_writer():
+        torch.save({"table": table, "estimate": estimate, "tensors": packed_tensors(model),
+                    "world": distributed.world()[1]}, out)
+
+
+def die(out: pathlib.Path) -> None:
+    rank, _ = distributed.world()
+    if rank == 1:
+        sys.exit(3)
+    try:
+        distributed.gather_dict({"x": torch.ones(2)}, "the test's tensors")
+        out.write_text("no error")
+    except distributed.DistributedError as e:
+        out.write_text(f"DistributedError: {e}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    {"equal": equal, "die": die}[sys.argv[1]](pathlib.Path(sys.argv[2]))
