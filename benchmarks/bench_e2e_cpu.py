@@ -166,7 +166,7 @@ def gguf_of(ckpt: Path) -> Path:
 
     path = ckpt.with_suffix(".gguf")
     if not path.is_file():
-        moe_ao.export.export(moe_ao.load_quantized(ckpt), path, "gguf", tokenizer=AutoTokenizer.from_pretrained(ckpt))
+        moe_ao.export(moe_ao.load_quantized(ckpt), path, "gguf", tokenizer=AutoTokenizer.from_pretrained(ckpt))
     return path
 
 
