@@ -101,7 +101,7 @@ def run(n_prompt, n_steps):
     llm.eval(ids)
     t1 = time.perf_counter()
     for _ in range(n_steps):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))  # last position
         llm.eval([tok])
     return t1 - t0, time.perf_counter() - t1
 
