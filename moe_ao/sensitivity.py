@@ -263,6 +263,12 @@ def _check_args(calibration: torch.Tensor, units: Sequence[Unit], group_sizes: d
         raise ValueError(f"group_sizes lacks {len(missing)} units, e.g. {missing[:3]}")
 
 
+def default_compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit weights on CPU (slow and lossy there), else the weights' dtype."""
+    low = param.dtype in (torch.bfloat16, torch.float16) and param.device.type == "cpu"
+    return torch.float32 if low else param.dtype
+
+
 @torch.no_grad()
 def kl_sensitivities(
     model: nn.Module,
@@ -309,8 +315,7 @@ def kl_sensitivities(
     _check_args(calibration, units, group_sizes, quantizer, kl_windows, model.config)
     param = next(model.parameters())
     if compute_dtype is None:
-        low = param.dtype in (torch.bfloat16, torch.float16) and param.device.type == "cpu"
-        compute_dtype = torch.float32 if low else param.dtype
+        compute_dtype = default_compute_dtype(param)
     scale_dtype = scale_dtype_for(param.dtype)
     prefix, layers = decoder_layers(model)
     work = [copy.deepcopy(layer).to(compute_dtype) for layer in layers]

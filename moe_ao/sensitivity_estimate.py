@@ -68,7 +68,7 @@ from moe_ao.progress import Progress
 from moe_ao.quant.batched import quantize_units
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, layer_scope, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.sensitivity import Head, _check_args, _local
+from moe_ao.sensitivity import Head, _check_args, _local, default_compute_dtype
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
@@ -231,8 +231,7 @@ def estimate_kl_sensitivities(
             raise ValueError(f"{name}={v!r}; allowed: a positive int")
     param = next(model.parameters())
     if compute_dtype is None:
-        low = param.dtype in (torch.bfloat16, torch.float16) and param.device.type == "cpu"
-        compute_dtype = torch.float32 if low else param.dtype
+        compute_dtype = default_compute_dtype(param)
     scale_dtype = scale_dtype_for(param.dtype)
     prefix, layers = decoder_layers(model)
     n_win = calibration.shape[0] if windows is None else min(windows, calibration.shape[0])

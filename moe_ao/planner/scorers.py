@@ -193,15 +193,11 @@ def measure_sensitivities(
         ValueError: no unit of ``kinds``, a group size not dividing some unit, bad
             widths, or :func:`~moe_ao.sensitivity.kl_sensitivities`' own errors.
     """
-    widths = sorted({check_bits(b) for b in bits})
-    units = _planned_units(model, kinds)
-    sizes = group_sizes(units, group_size)
+    widths, units, sizes = _setup(model, kinds, bits, group_size)
     table, meta = kl_sensitivities(model, calibration, units, sizes, widths, symmetric=symmetric,
                                    quantizer=quantizer, kl_windows=kl_windows, batch_size=batch_size,
                                    progress=progress)
-    if stats is None:
-        stats = Profile(tokens=int(calibration.numel()), meta={"n_samples": calibration.shape[0],
-                                                               "seq_len": calibration.shape[1]})
+    stats = stats if stats is not None else _new_profile(calibration)
     stats.sensitivities = table
     stats.sensitivity_setup = meta | {"symmetric": symmetric, "bits": widths, "group_sizes": sizes}
     return stats
@@ -212,6 +208,19 @@ def _planned_units(model: nn.Module, kinds: Sequence[str]) -> list[Unit]:
     if not units:
         raise ValueError(f"the model has no units of kinds {list(kinds)} to measure")
     return units
+
+
+def _setup(model: nn.Module, kinds: Sequence[str], bits: Sequence[int],
+           group_size: int | str) -> tuple[list[int], list[Unit], dict[str, int]]:
+    """(widths, planned units, their group sizes) of a sensitivity table, all checked."""
+    widths = sorted({check_bits(b) for b in bits})
+    units = _planned_units(model, kinds)
+    return widths, units, group_sizes(units, group_size)
+
+
+def _new_profile(calibration: torch.Tensor) -> Profile:
+    return Profile(tokens=int(calibration.numel()), meta={"n_samples": calibration.shape[0],
+                                                          "seq_len": calibration.shape[1]})
 
 
 def estimate_sensitivities(
@@ -256,15 +265,11 @@ def estimate_sensitivities(
     Raises:
         ValueError: as :func:`measure_sensitivities`, or bad ``windows`` / ``samples``.
     """
-    widths = sorted({check_bits(b) for b in bits})
-    units = _planned_units(model, kinds)
-    sizes = group_sizes(units, group_size)
+    widths, units, sizes = _setup(model, kinds, bits, group_size)
     table, meta = estimate_kl_sensitivities(model, calibration, units, sizes, widths, symmetric=symmetric,
                                             quantizer=quantizer, windows=windows, samples=samples, seed=seed,
                                             progress=progress)
-    if stats is None:
-        stats = Profile(tokens=int(calibration.numel()), meta={"n_samples": calibration.shape[0],
-                                                               "seq_len": calibration.shape[1]})
+    stats = stats if stats is not None else _new_profile(calibration)
     stats.sensitivity_estimates = table
     stats.estimate_setup = meta | {"symmetric": symmetric, "bits": widths, "group_sizes": sizes}
     return stats
