@@ -246,15 +246,23 @@ def _build_skeleton(path: Path) -> nn.Module:
     return meta_model(config)
 
 
+ALIGNMENT = 64  # bytes: PyTorch's CPU allocator's alignment
+
+
 def _load_tensors(path: Path, weights: list[str]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     flat: dict[str, torch.Tensor] = {}
     for name in weights:
         try:
-            flat |= load_file(str(path / name))
+            tensors = load_file(str(path / name))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path / name}: {e}") from None
+        for key, t in tensors.items():
+            # safetensors hands out each tensor in its own buffer at the file's 8-byte alignment;
+            # BLAS picks its kernel by alignment, so a misaligned float weight would give other
+            # rounding than the same weight in memory. A copy is 64-byte aligned (one tensor at a time).
+            flat[key] = t.clone() if t.data_ptr() % ALIGNMENT else t
     return flat
 
 

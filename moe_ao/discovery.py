@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -167,6 +168,80 @@ def _flat_glu_units(prefix: str, experts: nn.Module, layer: int | None) -> list[
     return units
 
 
+def _bank_pair_units(prefix: str, names: tuple[str, str], up: torch.Tensor, down: torch.Tensor,
+                     kind: str, layer: int | None, unit_prefix: str) -> list[Unit]:
+    """Units of an [E, N, H] up bank ([gate; up] rows when N = 2·I) and an [E, H, I] down bank
+    stored as two parameters ``{prefix}.{names[0]}`` / ``{prefix}.{names[1]}``.
+
+    Raises:
+        ValueError: the banks are not 3D or do not chain H -> N -> I -> H.
+    """
+    if up.ndim != 3 or down.ndim != 3 or up.shape[0] != down.shape[0]:
+        raise ValueError(f"{prefix}: expert banks {names[0]} {tuple(up.shape)} / {names[1]} {tuple(down.shape)}: "
+                         f"expected [E, N, H] and [E, H, I]")
+    E, N, K = up.shape
+    Hd, Id = down.shape[1], down.shape[2]
+    if K != Hd or N not in (Id, 2 * Id):
+        raise ValueError(f"{prefix}: expert banks {names[0]} {tuple(up.shape)} / {names[1]} {tuple(down.shape)} "
+                         f"do not chain as [E, N, H] -> [E, H, I] with N = I or 2·I")
+    segs = (("gate_proj", 0, Id), ("up_proj", Id, N)) if N == 2 * Id else (("up_proj", 0, N),)
+    units = []
+    for e in range(E):
+        for seg, (proj, r0, r1) in enumerate(segs):
+            units.append(replace(_expert_unit(unit_prefix, e, proj, layer, (r1 - r0, K), f"{prefix}.{names[0]}",
+                                              (r0, r1), seg, "rows"), kind=kind))
+        units.append(replace(_expert_unit(unit_prefix, e, "down_proj", layer, (Hd, Id), f"{prefix}.{names[1]}",
+                                          (0, Hd), 0, "rows"), kind=kind))
+    return units
+
+
+# MoE blocks without an ``experts`` child whose banks are modules holding one 3D ``weight``
+# [E, out, in] (JetMoE's JetMoeParallelExperts): (up bank child, down bank child).
+PARALLEL_BANKS = (("input_linear", "output_linear"),)
+
+
+def _parallel_banks(block: nn.Module) -> tuple[str, str] | None:
+    """The (up, down) bank children of an MoE block that stores its experts as PARALLEL_BANKS."""
+    for up_name, down_name in PARALLEL_BANKS:
+        mods = [getattr(block, n, None) for n in (up_name, down_name)]
+        if all(isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 3 for m in mods) and any(
+                n in ROUTER_NAMES for n, _ in block.named_children()):
+            return up_name, down_name
+    return None
+
+
+def _parallel_block_units(prefix: str, block: nn.Module, banks: tuple[str, str], layer: int | None,
+                          kept: dict[str, str]) -> list[Unit]:
+    """JetMoE-style block: banks ``input_linear.weight`` [E, 2I, H] / ``output_linear.weight`` [E, H, I]
+    (named ``{prefix}.experts.{e}.{proj}`` like every other layout), its router, the rest kept."""
+    up, down = (getattr(block, n).weight for n in banks)
+    units = _bank_pair_units(prefix, (f"{banks[0]}.weight", f"{banks[1]}.weight"), up, down, "expert", layer,
+                             f"{prefix}.experts")
+    for child_name, child in block.named_children():
+        if child_name not in banks:
+            units += _moe_child_units(prefix, child_name, child, layer, kept)
+    return units
+
+
+def _shared_bank_units(path: str, shared: nn.Module, layer: int | None) -> list[Unit] | None:
+    """Shared experts stored as 3D banks ``gate_proj`` / ``up_proj`` [S, I, H] and ``down_proj`` [S, H, I]
+    (Inkling's InklingSharedExperts: S shared experts, every token through each), or None."""
+    banks = [getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(b, nn.Parameter) and b.ndim == 3 for b in banks):
+        return None
+    gate, up, down = banks
+    if gate.shape != up.shape or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1]):
+        raise ValueError(f"{path}: shared expert banks gate {tuple(gate.shape)} / up {tuple(up.shape)} / down "
+                         f"{tuple(down.shape)}: expected [S, I, H], [S, I, H], [S, H, I]")
+    S, I, H = gate.shape
+    units = []
+    for s in range(S):
+        for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            units.append(Unit(f"{path}.{s}.{proj}", "shared_expert", layer, s, proj, shape, f"{path}.{proj}",
+                              fused=True, rows=(0, shape[0]), segment=0, layout="rows"))
+    return units
+
+
 def _router_units(name: str, module: nn.Module, layer: int | None) -> list[Unit]:
     """A router's weight, or, for a router that wraps its linear(s) (DBRX's ``router.layer``,
     AFMoE's ``router.gate``, Zaya's router MLP), every linear inside it."""
@@ -236,6 +311,8 @@ def _moe_child_units(prefix: str, child_name: str, child: nn.Module, layer: int 
         return _router_units(path, child, layer)
     if child_name in SHARED_NAMES and _is_mlp(child):
         return _mlp_units(path, child, "shared_expert", layer, None)
+    if child_name in SHARED_NAMES and (shared := _shared_bank_units(path, child, layer)) is not None:
+        return shared
     if _holds_weights(child):
         _keep(kept, path, child, f"inside MoE block {prefix}")
     return []
@@ -248,12 +325,29 @@ def _plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward,)
 
 
+def _attention_experts(path: str, attention: nn.Module, kept: dict[str, str]) -> list[str]:
+    """Children of an attention module that hold routed attention experts as 3D banks (JetMoE's
+    mixture of attention heads, JetMoeMoA): kept in floating point whole, router included (moe_ao's
+    kinds have no routed attention expert); their relative paths."""
+    moa = []
+    for name, child in attention.named_children():
+        if any(p.ndim >= 3 for m in child.modules() if not isinstance(m, nn.modules.conv._ConvNd)
+               for p in m.parameters(recurse=False)):
+            kept[f"{path}.{name}"] = (f"{type(child).__name__}: routed attention experts (3D banks); moe_ao "
+                                      f"quantizes routed MLP experts only; kept in floating point")
+            moa.append(name)
+    return moa
+
+
 def _layer_units(prefix: str, layer_module: nn.Module, layer: int, kept: dict[str, str]) -> list[Unit]:
     units: list[Unit] = []
     for child_name, child in layer_module.named_children():
         path = f"{prefix}.{child_name}"
         if child_name in ATTENTION_NAMES:
+            moa = _attention_experts(path, child, kept)
             for sub, lin in child.named_modules():
+                if any(sub == m or sub.startswith(f"{m}.") for m in moa):
+                    continue
                 if isinstance(lin, nn.Linear) and not _plain_linear(lin):
                     kept[f"{path}.{sub}"] = (f"{type(lin).__name__}: an nn.Linear with its own forward (reads its "
                                              f"weight as a plain tensor); kept in floating point")
@@ -265,6 +359,8 @@ def _layer_units(prefix: str, layer_module: nn.Module, layer: int, kept: dict[st
                     )
         elif hasattr(child, "experts"):
             units += _moe_block_units(path, child, layer, kept)
+        elif banks := _parallel_banks(child):
+            units += _parallel_block_units(path, child, banks, layer, kept)
         elif isinstance(getattr(layer_module, "experts", None), nn.Module) and (
                 child_name == "experts" or child_name in ROUTER_NAMES):  # the layer is its own MoE block
             units += _moe_child_units(prefix, child_name, child, layer, kept)

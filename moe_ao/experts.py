@@ -178,9 +178,39 @@ def dbrx_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top
     return out.to(hidden_states.dtype).view(B, -1, self.hidden_size)
 
 
+def parallel_experts_forward(self: torch.nn.Module, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+    """JetMoE's JetMoeParallelExperts: rows of ``inputs`` [S, K] sorted by expert, ``expert_size[e]``
+    of them for expert e, times the bank ``weight`` [E, N, K] -> [S, N]; packed banks go through the
+    grouped kernels, plain ones through the module's own loop."""
+    if not isinstance(self.weight, PackedWeight):
+        return type(self).forward(self, inputs, expert_size)
+    counts = torch.as_tensor(expert_size, device=inputs.device)
+    ids = torch.repeat_interleave(torch.arange(self.weight.shape[0], device=inputs.device), counts)
+    return dispatch.experts_linear(inputs, self.weight, ids)
+
+
+def shared_banks_forward(self: torch.nn.Module, hidden_states: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """Inkling's InklingSharedExperts: S shared experts in 3D banks ``gate_proj`` / ``up_proj`` [S, I, H]
+    and ``down_proj`` [S, H, I], every token through each, expert s's output scaled by gammas[..., s],
+    summed in float32 as the module does."""
+    banks = (self.gate_proj, self.up_proj, self.down_proj)
+    if not any(isinstance(b, PackedWeight) for b in banks):
+        return type(self).forward(self, hidden_states, gammas)
+    shape, S = hidden_states.shape, self.n_shared_experts
+    x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+    T = x.shape[0]
+    ids = torch.arange(S, device=x.device).repeat_interleave(T)  # [S*T]: expert s's copy of every token
+    xs = x.repeat(S, 1)
+    scale = gammas.reshape(T, S).T.reshape(-1, 1).to(x.dtype)  # [S*T, 1]
+    h = self.act_fn(_experts(self.gate_proj, xs, ids)) * _experts(self.up_proj, xs, ids) * scale
+    out = _experts(self.down_proj, h, ids).view(S, T, -1)
+    return out.float().sum(dim=0).to(hidden_states.dtype).view(shape)
+
+
 # Experts classes transformers does not dispatch through ExpertsInterface whose own forward
 # would call raw-tensor ops (bmm, view) on a packed bank: class name -> moe_ao's forward.
-CUSTOM_FORWARDS = {"Llama4TextExperts": llama4_experts_forward, "DbrxExperts": dbrx_experts_forward}
+CUSTOM_FORWARDS = {"Llama4TextExperts": llama4_experts_forward, "DbrxExperts": dbrx_experts_forward,
+                   "JetMoeParallelExperts": parallel_experts_forward, "InklingSharedExperts": shared_banks_forward}
 
 
 def register() -> None:

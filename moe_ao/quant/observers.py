@@ -25,6 +25,26 @@ def _module_path(param_fqn: str, layer_prefix: str) -> str:
     return param_fqn[len(layer_prefix) + 1 :].rpartition(".")[0]
 
 
+def _down_input(mod: nn.Module, e: int, xe: torch.Tensor) -> torch.Tensor:
+    """What expert ``e``'s down_proj multiplies for inputs ``xe`` [T_e, H] ([T_e, I], float32), computed
+    from the module's current float banks in their own layout: [E, out, in] or transposed
+    ([E, in, out]: gpt-oss, Aria, Llama 4), gpt-oss's interleaved columns, clamped swiglu and
+    biases through the module's own ``_apply_gate``; DBRX's flat ``w1`` / ``v1`` [E*I, H]."""
+    if hasattr(mod, "mlp") and hasattr(mod.mlp, "w1"):  # DBRX
+        I = mod.ffn_hidden_size
+        w1, v1 = (w[e * I:(e + 1) * I].float() for w in (mod.mlp.w1, mod.mlp.v1))
+        return mod.mlp.activation_fn(xe @ w1.T) * (xe @ v1.T)
+    if type(mod).__name__ == "Llama4TextExperts":  # [E, H, 2I], gate then up columns
+        gate, up = (xe @ mod.gate_up_proj[e].float()).chunk(2, dim=-1)
+        return up * mod.act_fn(gate)
+    has_gate = getattr(mod, "has_gate", hasattr(mod, "gate_up_proj"))
+    w = (mod.gate_up_proj if has_gate else mod.up_proj)[e].float()
+    h = xe @ w if getattr(mod, "is_transposed", False) else xe @ w.T  # the module's own column order
+    if getattr(mod, "has_bias", False):
+        h = h + (mod.gate_up_proj_bias if has_gate else mod.up_proj_bias)[e].float()
+    return mod._apply_gate(h) if has_gate else mod.act_fn(h)
+
+
 class LayerObserver:
     """Hooks one decoder layer and accumulates statistics while it runs.
 
@@ -74,7 +94,18 @@ class LayerObserver:
                 self._handles.append(module.register_forward_pre_hook(self._linear_hook(path)))
         for path in sorted(self._fused):
             module = self.layer.get_submodule(path)
-            self._handles.append(module.register_forward_pre_hook(self._experts_hook(path), with_kwargs=True))
+            us = by_module[path]
+            if us[0].kind == "shared_expert":  # 3D shared banks (Inkling): every token through each
+                hook = self._shared_banks_hook(path, us)
+            elif isinstance(getattr(module, "weight", None), torch.Tensor):  # one bank per module (JetMoE)
+                hook = self._parallel_bank_hook(path, us)
+            elif type(module).__name__ == "Llama4TextExperts":  # every expert on its own copy of the tokens
+                hook = self._copies_hook(path, us)
+            else:
+                if not hasattr(module, "num_experts") and path.endswith(".mlp"):  # DBRX: banks in experts.mlp
+                    module = self.layer.get_submodule(path.rpartition(".")[0])
+                hook = self._experts_hook(path, us)
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -120,30 +151,108 @@ class LayerObserver:
         counts = torch.bincount(top_k_index.reshape(-1).long(), minlength=E)[:E]
         self.routing_counts = counts if self.routing_counts is None else self.routing_counts + counts
 
-    def _experts_hook(self, path: str):
-        prefix = f"{self.layer_prefix}.{path}"
-        want_up = any(u.param.startswith(prefix) and u.proj != "down_proj" and u.name in self.wanted
-                      for u in self.units.values())
-        want_down = any(u.param.startswith(prefix) and u.proj == "down_proj" and u.name in self.wanted
-                        for u in self.units.values())
+    def _experts_hook(self, path: str, us: list[Unit]):
+        """An experts module called as ``(hidden_states, top_k_index, top_k_weights)``; ``path`` is the
+        module holding the banks (DBRX's ``experts.mlp``: the hook sits on its parent)."""
+        want_up = any(u.proj != "down_proj" and u.name in self.wanted for u in us)
+        want_down = any(u.proj == "down_proj" and u.name in self.wanted for u in us)
+        I = next((u.shape[1] for u in us if u.proj == "down_proj"), 0)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            vals = list(args) + [kwargs[n] for n in names[len(args):]]
-            hidden, top_k_index, top_k_weights = vals[:3]
+            hidden, top_k_index, top_k_weights = (list(args) + list(kwargs.values()))[:3]  # gpt-oss names
+            # them router_indices / routing_weights; every experts forward takes them in this order
             E = mod.num_experts
             self._count(top_k_index, E)
             if want_up or want_down:
-                self._expert_hessians(path, mod, hidden.float(), top_k_index, top_k_weights, want_up, want_down)
+                x = hidden.reshape(-1, hidden.shape[-1]).float()
+                self._expert_hessians(path, mod, x, top_k_index, top_k_weights, want_up, want_down, I)
+
+        return hook
+
+    def _copies_hook(self, path: str, us: list[Unit]):
+        """Llama 4's experts: called with ``[E*T, H]``, expert e's block of T rows being the tokens times
+        their routing score (0 where not routed). The scores are already in the inputs, so the
+        Hessians are of what the expert sees; ``weight_by_routing`` adds nothing here."""
+        want_up = any(u.proj != "down_proj" and u.name in self.wanted for u in us)
+        want_down = any(u.proj == "down_proj" and u.name in self.wanted for u in us)
+        I = next((u.shape[1] for u in us if u.proj == "down_proj"), 0)
+
+        @torch.no_grad()
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            E = mod.num_experts
+            x = hidden.reshape(E, -1, hidden.shape[-1]).float()  # [E, T, H]
+            routed = x.ne(0).any(-1)  # [E, T]
+            counts = routed.sum(-1)
+            self.routing_counts = counts if self.routing_counts is None else self.routing_counts + counts
+            K = x.shape[-1]
+            H_up = x.new_zeros(E, K, K) if want_up else None
+            H_down = x.new_zeros(E, I, I) if want_down else None
+            for e in range(E):
+                xe = x[e][routed[e]]
+                if want_up:
+                    H_up[e] = xe.T @ xe
+                if want_down:
+                    h = _down_input(mod, e, xe)
+                    H_down[e] = h.T @ h
+            if want_up:
+                self._add(f"{path}:up", H_up, counts)
+            if want_down:
+                self._add(f"{path}:down", H_down, counts)
+
+        return hook
+
+    def _parallel_bank_hook(self, path: str, us: list[Unit]):
+        """A bank module called as ``(inputs [S, K] sorted by expert, expert_size)`` (JetMoE's
+        JetMoeParallelExperts): expert e's Hessian from its own block of rows; the up bank counts routing."""
+        down = us[0].proj == "down_proj"
+        want = any(u.name in self.wanted for u in us)
+        if want and self.weight_by_routing:
+            raise NotImplementedError(f"{self.layer_prefix}.{path}: weight_by_routing needs the routing weights, "
+                                      f"which {path} is not given (it sees expert-sorted rows only)")
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs, expert_size = (list(args) + [kwargs.get(n) for n in ("inputs", "expert_size")[len(args):]])[:2]
+            E = mod.weight.shape[0]
+            if not down:
+                self.routing_counts = (torch.as_tensor(expert_size, dtype=torch.long) if self.routing_counts is None
+                                       else self.routing_counts + torch.as_tensor(expert_size, dtype=torch.long))
+            if not want:
+                return
+            x = inputs.float()
+            H = x.new_zeros(E, x.shape[-1], x.shape[-1])
+            for e, xe in enumerate(x.split(list(expert_size))):
+                H[e] = xe.T @ xe
+            self._add(f"{path}:{'down' if down else 'up'}", H, torch.as_tensor(expert_size, dtype=torch.long))
+
+        return hook
+
+    def _shared_banks_hook(self, path: str, us: list[Unit]):
+        """Shared experts in 3D banks ``gate_proj`` / ``up_proj`` [S, I, H], ``down_proj`` [S, H, I],
+        called as ``(hidden_states, gammas [..., S])`` (Inkling): every token reaches each of them."""
+        want_up = any(u.proj != "down_proj" and u.name in self.wanted for u in us)
+        want_down = any(u.proj == "down_proj" and u.name in self.wanted for u in us)
+
+        @torch.no_grad()
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, gammas = (list(args) + [kwargs.get(n) for n in ("hidden_states", "gammas")[len(args):]])[:2]
+            x = hidden.reshape(-1, hidden.shape[-1]).float()  # [T, H]
+            S, T = mod.gate_proj.shape[0], x.shape[0]
+            n = torch.full((S,), T, dtype=torch.long)
+            if want_up:
+                self._add(f"{path}:up", (x.T @ x).expand(S, -1, -1).clone(), n)
+            if want_down:
+                g = gammas.reshape(T, S).float()
+                h = torch.stack([mod.act_fn(x @ mod.gate_proj[s].float().T) * (x @ mod.up_proj[s].float().T)
+                                 * g[:, s:s + 1] for s in range(S)])  # [S, T, I]: down_proj's inputs
+                self._add(f"{path}:down", h.transpose(1, 2) @ h, n)
 
         return hook
 
     @torch.no_grad()
-    def _expert_hessians(self, path, mod, x, top_k_index, top_k_weights, want_up, want_down) -> None:
+    def _expert_hessians(self, path, mod, x, top_k_index, top_k_weights, want_up, want_down, I) -> None:
         E, K = mod.num_experts, x.shape[-1]
-        up_bank = mod.gate_up_proj if mod.has_gate else mod.up_proj
         H_up = x.new_zeros(E, K, K) if want_up else None
-        I = mod.down_proj.shape[-1]
         H_down = x.new_zeros(E, I, I) if want_down else None
         n = torch.zeros(E, dtype=torch.long)
         for e in range(E):
@@ -160,8 +269,7 @@ class LayerObserver:
             if want_up:
                 H_up[e] = xs.T @ xs
             if want_down:
-                h = xe @ up_bank[e].float().T  # [T_e, 2I]
-                h = mod._apply_gate(h) if mod.has_gate else mod.act_fn(h)
+                h = _down_input(mod, e, xe)
                 hs = h * scale if scale is not None else h
                 H_down[e] = hs.T @ hs
         if want_up:
