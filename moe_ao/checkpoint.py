@@ -184,11 +184,17 @@ def save_quantized(
         ValueError: the model is not quantized by moe_ao, or out_dir may not be replaced
             (a file; a non-empty directory without ``overwrite``; files moe_ao did not
             write). Nothing is written then.
+        TypeError: the model has no transformers config (a plain ``nn.Module`` read by the
+            graph pass); nothing is written.
     """
     model = unwrap(model)
     plan = getattr(model, PLAN_ATTR, None)
     if plan is None:
         raise ValueError("model is not quantized by moe_ao; call moe_ao.quantize_ first")
+    if not hasattr(getattr(model, "config", None), "save_pretrained"):
+        raise TypeError(f"{type(model).__name__}: save_quantized writes a transformers checkpoint (config.json, "
+                        f"rebuilt by load_quantized from its model class) and needs a model with a transformers "
+                        f"config; this one has none")
     with StagedDir(out_dir, overwrite, owned_files) as stage:
         tensors, meta = state_and_meta(model)
         weights = write_weights(stage.path, tensors, max_shard_bytes)

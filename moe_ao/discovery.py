@@ -326,13 +326,15 @@ def _plain_linear(module: nn.Module) -> bool:
 
 
 def _attention_experts(path: str, attention: nn.Module, kept: dict[str, str]) -> list[str]:
-    """Children of an attention module that hold routed attention experts as 3D banks (JetMoE's
-    mixture of attention heads, JetMoeMoA): kept in floating point whole, router included (moe_ao's
-    kinds have no routed attention expert); their relative paths."""
+    """Children of an attention module that hold routed attention experts (a router submodule and
+    3D [E, ., .] banks: JetMoE's mixture of attention heads, JetMoeMoA): kept in floating point whole,
+    router included (moe_ao's kinds have no routed attention expert); their relative paths."""
     moa = []
     for name, child in attention.named_children():
-        if any(p.ndim >= 3 for m in child.modules() if not isinstance(m, nn.modules.conv._ConvNd)
-               for p in m.parameters(recurse=False)):
+        routed = any(sub.rsplit(".", 1)[-1] in ROUTER_NAMES for sub, _ in child.named_modules() if sub)
+        banks = any(p.ndim == 3 and p.shape[0] > 1 for m in child.modules()
+                    if not isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters(recurse=False))
+        if routed and banks:
             kept[f"{path}.{name}"] = (f"{type(child).__name__}: routed attention experts (3D banks); moe_ao "
                                       f"quantizes routed MLP experts only; kept in floating point")
             moa.append(name)
@@ -405,7 +407,12 @@ class Units(list):
         self.kept = dict(kept or {})
 
 
-def units(model: nn.Module) -> Units:
+# Where units() keeps the example inputs it was given, so that the calls quantize_, the report
+# and the exporters make later (units(model), no inputs) trace the model the same way.
+EXAMPLE_INPUTS_ATTR = "_moe_ao_example_inputs"
+
+
+def units(model: nn.Module, example_inputs: Any = None) -> Units:
     """Every quantizable linear of ``model``, by logical role, in model order.
 
     Name-based discovery first; where it raises ValueError (MoE structure it cannot read),
@@ -413,7 +420,12 @@ def units(model: nn.Module) -> Units:
     model. Modules of no unit kind are kept in floating point and named in ``.kept``.
 
     Args:
-        model: a transformers causal LM (or its base model) with MoE or dense layers.
+        model: a transformers causal LM (or its base model) with MoE or dense layers, or
+            any module the graph pass can read.
+        example_inputs: for the graph pass, what ``model``'s forward takes when that is not
+            ``[batch, seq]`` token ids: a tensor, a tuple of positional inputs or a dict of
+            keyword inputs. Remembered on the model (``EXAMPLE_INPUTS_ATTR``), so later
+            ``units(model)`` calls (``quantize_``, reports, exports) trace it the same way.
 
     Returns:
         The units: attention, router, expert, shared_expert, dense_mlp, plus
@@ -424,6 +436,8 @@ def units(model: nn.Module) -> Units:
             (both reasons are in the message).
         NotImplementedError: experts stored in a form moe_ao cannot quantize (named).
     """
+    if example_inputs is not None:
+        object.__setattr__(model, EXAMPLE_INPUTS_ATTR, example_inputs)  # a plain attribute, never a buffer
     try:
         return _named_units(model)
     except ValueError as by_name:
@@ -435,7 +449,7 @@ def _graph_units(model: nn.Module, by_name: ValueError) -> list[Unit]:
 
     logger.info("%s; reading roles from the model's graph instead", by_name)
     try:
-        return find_moe_units(model)
+        return find_moe_units(model, getattr(model, EXAMPLE_INPUTS_ATTR, None))
     except ValueError as by_graph:
         raise ValueError(f"{by_name}; graph pass: {by_graph}") from by_graph
 

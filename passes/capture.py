@@ -65,38 +65,56 @@ def default_input_ids(model: nn.Module, tokens: int = EXAMPLE_TOKENS) -> torch.T
         emb = embs[0] if len(embs) == 1 else None
     if emb is None:
         raise ValueError(
-            f"{type(model).__name__}: no single nn.Embedding to size example token ids; pass example_input_ids"
+            f"{type(model).__name__}: no single nn.Embedding to size example token ids; pass example_inputs "
+            f"(what its forward takes, e.g. moe_ao.units(model, example_inputs=(hidden_states,)))"
         )
     device = emb.weight.device
     return (torch.arange(tokens, device=device) % emb.num_embeddings).reshape(1, tokens)
 
 
+ExampleInputs = torch.Tensor | tuple | list | dict
+
+
 def capture(
     model: nn.Module,
-    example_input_ids: torch.Tensor | None = None,
+    example_inputs: ExampleInputs | None = None,
     *,
     implementation: str = TRACEABLE_EXPERTS,
 ) -> torch.export.ExportedProgram:
-    """Exports ``model(input_ids)`` to one ATen graph under a traceable experts implementation.
+    """Exports ``model(*args, **kwargs)`` to one ATen graph under a traceable experts implementation.
 
     Args:
-        model: a causal LM taking token ids (transformers or plain ``nn.Module``).
-        example_input_ids: ``[batch, seq]`` ids; default: :func:`default_input_ids`.
+        model: a causal LM taking token ids, or any module (transformers or plain ``nn.Module``).
+        example_inputs: what the forward is called with: a tensor (``[batch, seq]`` ids, or
+            whatever the one positional input is), a tuple / list of positional inputs, or a
+            dict of keyword inputs; default: :func:`default_input_ids`.
         implementation: experts implementation to trace fused experts with.
 
     Returns:
         The exported program; parameters are placeholders named in its graph signature.
 
     Raises:
-        ValueError: the model could not be exported (the cause is chained).
+        ValueError: the model could not be exported (the cause is chained), or
+            ``example_inputs`` is of another type.
     """
-    ids = example_input_ids if example_input_ids is not None else default_input_ids(model)
-    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    if example_inputs is None:
+        args, kwargs = (default_input_ids(model),), {}
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        raise ValueError(f"example_inputs: a tensor, a tuple / list of positional inputs or a dict of keyword "
+                         f"inputs; got {type(example_inputs).__name__}")
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), experts_implementation(model, implementation):
-            return torch.export.export(model, (ids,), kwargs, strict=False)
+            return torch.export.export(model, args, kwargs, strict=False)
     except Exception as err:  # export raises many types (user errors, guards, unsupported ops)
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(

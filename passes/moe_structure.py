@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from moe_ao.passes.capture import TRACEABLE_EXPERTS, capture
+from moe_ao.passes.capture import TRACEABLE_EXPERTS, ExampleInputs, capture
 from moe_ao.passes.dataflow import (
     ATTENTION_OPS,
     Flow,
@@ -397,7 +397,7 @@ def analyze(program: torch.export.ExportedProgram, model: nn.Module, *,
 
 def find_moe_structure(
     model: nn.Module,
-    example_input_ids: torch.Tensor | None = None,
+    example_inputs: ExampleInputs | None = None,
     *,
     implementation: str = TRACEABLE_EXPERTS,
     routing_ops: tuple[str, ...] = ROUTING_OPS,
@@ -405,8 +405,8 @@ def find_moe_structure(
     """Captures ``model`` and finds its MoE structure by dataflow.
 
     Args:
-        model: a causal LM taking token ids.
-        example_input_ids: ``[batch, seq]`` ids to trace with (default: a few tokens).
+        model: a causal LM taking token ids, or any module with ``example_inputs``.
+        example_inputs: what to call the forward with (see :func:`capture`; default: a few token ids).
         implementation: traceable experts implementation for fused transformers experts.
         routing_ops: ops that select experts (``topk``; add e.g. ``argmax`` for top-1 routers).
 
@@ -416,15 +416,15 @@ def find_moe_structure(
     Raises:
         ValueError: capture failed, or a weight's role could not be inferred.
     """
-    program = capture(model, example_input_ids, implementation=implementation)
+    program = capture(model, example_inputs, implementation=implementation)
     structure = analyze(program, model, routing_ops=routing_ops)
     logger.info("%s: %s", type(model).__name__, dict(structure.counters))
     return structure
 
 
-def find_moe_units(model: nn.Module, example_input_ids: torch.Tensor | None = None, **kwargs) -> list[Unit]:
+def find_moe_units(model: nn.Module, example_inputs: ExampleInputs | None = None, **kwargs) -> list[Unit]:
     """The units of ``model`` found by dataflow (see :func:`find_moe_structure`)."""
-    return find_moe_structure(model, example_input_ids, **kwargs).units
+    return find_moe_structure(model, example_inputs, **kwargs).units
 
 
 def _column(node: Node) -> int | None:

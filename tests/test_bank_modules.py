@@ -52,6 +52,13 @@ def test_jetmoe_units_name_banks_like_every_other_layout():
     assert by_name["model.layers.0.self_attention.kv_proj"].kind == "attention"
 
 
+def test_attention_with_3d_parameters_but_no_router_is_not_taken_for_experts():
+    # Kimi Linear's forget gate holds A_log (1, 1, 4, 1) next to two linears: attention, not experts
+    found = moe_ao.units(moe_archs.build("kimi_linear"))
+    assert not found.kept
+    assert {u.kind for u in found if ".self_attn.forget_gate." in u.name} == {"attention"}
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_jetmoe_packed_parallel_experts_match_float64(bits):
     model = moe_archs.build("jetmoe")

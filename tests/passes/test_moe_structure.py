@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import archs
 import pytest
 import torch
 import toy_moe
+from test_architectures import fake_quant_reference
 from torch import nn
 
 import moe_ao
@@ -171,3 +174,41 @@ def test_units_fallback_reports_both_reasons():
     _side(model)
     with pytest.raises(ValueError, match=r"decoder layer list.*; graph pass: stack\.1\.side\.weight"):
         moe_ao.units(model)
+
+
+class HiddenLM(nn.Module):
+    """ToyLM's blocks and head fed hidden states [B, T, H] instead of token ids: no embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stack = nn.ModuleList([toy_moe.Block(toy_moe.Dense()), toy_moe.Block(toy_moe.Switchboard(True))])
+        self.norm = nn.LayerNorm(toy_moe.H)
+        self.out = nn.Linear(toy_moe.H, toy_moe.V, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.stack:
+            hidden = block(hidden)
+        return self.out(self.norm(hidden))
+
+
+def test_units_with_example_inputs_for_a_custom_forward(tmp_path):
+    model = HiddenLM()
+    x = torch.randn(1, 6, toy_moe.H, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"no single nn\.Embedding.*pass example_inputs"):
+        moe_ao.units(model)
+    found = moe_ao.units(model, example_inputs=(x,))
+    assert found == find_moe_units(model, {"hidden": x})  # positional or keyword
+    experts = [u for u in found if u.kind == "expert"]
+    assert len(experts) == 3 * toy_moe.E and {u.param for u in experts} == {"stack.1.ffn.bank", "stack.1.ffn.bank_out"}
+    plan = moe_ao.Plan({u.name: 4 for u in found if u.kind in ("expert", "attention")}, group_size=16)
+    float_model = copy.deepcopy(model)
+    moe_ao.quantize_(model, plan)  # units(model) inside traces with the remembered inputs
+    ref = fake_quant_reference(float_model, model, [u for u in found if u.name in plan])
+    with torch.no_grad():
+        got, want, base = model(x), ref(x), float_model(x)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert ((got - base).norm() / base.norm()).item() > 1e-3
+    with pytest.raises(TypeError, match="HiddenLM: save_quantized .* needs a model with a transformers config"):
+        moe_ao.save_quantized(model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
