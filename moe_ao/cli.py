@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="process columns in natural order (the paper's Mixtral setting)")
+    p.add_argument("--split-calibration", action="store_true",
+                   help="under torchrun: each rank runs only its share of the calibration batches, Hessians summed"
+                        " over ranks (faster; codes may differ from one process's in rare roundings)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint dir (new, empty, or see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing moe_ao checkpoint at --output (never a folder holding other files)")
@@ -284,7 +287,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, model_config=config)
-        kwargs = {"calibration": calib, "act_order": args.act_order}
+        kwargs = {"calibration": calib, "act_order": args.act_order, "split_calibration": args.split_calibration}
     # Streamed layer by layer from the checkpoint files (resumable; the float model is never whole
     # in memory); the same codes as moe_ao.quantize_ on the model loaded whole.
     out = quantize_pretrained(path, plan, args.output, method=args.method, overwrite=args.overwrite, **kwargs)

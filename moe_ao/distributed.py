@@ -11,7 +11,11 @@ returns its argument.
 Work is split by unit, round-robin over a list every rank builds in the same order, and
 each rank computes its units exactly as a single process would; the results are
 gathered as Python objects (tensors included) and merged in unit order, so a
-distributed run gives bit-identical results to a single process.
+distributed run gives bit-identical results to a single process. GPTQ can also split
+its calibration batches (``GPTQConfig(split_calibration=True)``): statistics are then
+summed over ranks with :func:`sum_over_ranks`, which gives every rank the same bits and
+is reproducible, but is not the single process's summation order (see
+``moe_ao.quant.gptq_driver``).
 """
 
 from __future__ import annotations
@@ -101,6 +105,47 @@ def gather_dict(part: dict[str, Any], what: str) -> dict[str, Any]:
     for p in parts:
         out.update(p)
     return out
+
+
+def sum_over_ranks(t: torch.Tensor, what: str) -> torch.Tensor:
+    """The sum of every rank's ``t`` (same shape and dtype on each), on every rank.
+
+    One ``all_reduce``: no rank holds more than its own copy. The collective reduces each
+    element once and hands that value to every rank, so all ranks get the same bits, and a
+    rerun with the same world size and backend gets them again; the order of the additions
+    is the backend's, not one process's sequential order.
+
+    Raises:
+        DistributedError: the collective failed or timed out, naming ``what``.
+    """
+    rank, size = world()
+    if size == 1:
+        return t
+    out = t.contiguous().clone()
+    try:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise DistributedError(f"rank {rank}: summing {what} over {size} ranks failed ({e}); another rank"
+                               f" probably died or timed out") from e
+    return out
+
+
+def gather_objects(obj: T, what: str) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group).
+
+    Raises:
+        DistributedError: the collective failed or timed out, naming ``what``.
+    """
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    parts: list[Any] = [None] * size
+    try:
+        dist.all_gather_object(parts, _to_cpu(obj))
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise DistributedError(f"rank {rank}: gathering {what} from {size} ranks failed ({e}); another rank"
+                               f" probably died or timed out") from e
+    return parts
 
 
 def broadcast_object(obj: T, what: str) -> T:

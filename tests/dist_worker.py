@@ -1,15 +1,19 @@
 """One rank of the distributed tests (tests/test_distributed.py starts it with RANK / WORLD_SIZE set).
 
     python tests/dist_worker.py equal OUT   # KL sensitivities + GPTQ codes of a tiny model -> OUT (rank 0)
+    python tests/dist_worker.py split OUT   # GPTQ with the calibration split over ranks -> OUT.<rank>.pt
+    python tests/dist_worker.py stream OUT SRC IDS  # streamed GPTQ of checkpoint SRC, calibration split, -> OUT
     python tests/dist_worker.py die OUT     # rank 1 exits at once; rank 0 records the error it gets
 """
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -51,6 +55,54 @@ def equal(out: pathlib.Path) -> None:
                     "world": distributed.world()[1]}, out)
 
 
+def split(out: pathlib.Path) -> None:
+    from moe_ao.quant import gptq_driver
+
+    torch.manual_seed(0)
+    model = archs.build("mixtral")
+    ids = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    batches = [0]
+    run_layer = gptq_driver.run_layer
+
+    def counting(layer, inputs):  # the calibration batches this rank pushes through a layer
+        batches[0] += len(inputs.hidden)
+        return run_layer(layer, inputs)
+
+    gptq_driver.run_layer = counting
+    hessians = {}
+    quantize_phase = gptq_driver._quantize_phase
+
+    def recording(layer, prefix, obs, *args):  # the statistics GPTQ solves with, per layer and phase
+        hessians.update({f"{prefix}:{len(hessians)}:{k}": h.clone() for k, h in obs.H.items()})
+        return quantize_phase(layer, prefix, obs, *args)
+
+    gptq_driver._quantize_phase = recording
+    float_model = copy.deepcopy(model)
+    planned = [u for u in units(model) if u.kind in ("attention", "expert")]
+    plan = moe_ao.Plan({u.name: (2 if u.kind == "expert" else 4) for u in planned}, group_size=32)
+    moe_ao.quantize_(model, plan, method="gptq", calibration=ids, progress=False, batch_size=2,
+                     split_calibration=True)
+    extra = moe_ao.quantization_report(model).extra
+    with torch.no_grad():
+        want = float_model(ids).logits.log_softmax(-1)
+        kl = F.kl_div(model(ids).logits.log_softmax(-1), want, log_target=True, reduction="batchmean").item()
+    rank = distributed.world()[0]
+    torch.save({"tensors": packed_tensors(model), "routing": extra["routing_counts"], "tokens": extra["tokens"],
+                "batches": batches[0], "world": distributed.world()[1], "kl": kl,
+                "hessians": {k: h for k, h in hessians.items() if k.startswith("model.layers.0:")}},
+               out.with_name(f"{out.name}.{rank}.pt"))
+
+
+def stream(out: pathlib.Path) -> None:
+    from moe_ao.stream import StreamedModel, quantize_pretrained
+
+    src, ids = sys.argv[3], torch.load(sys.argv[4])
+    found = units(StreamedModel(src).model)
+    plan = moe_ao.Plan({u.name: (2, 4)[(u.expert or 0) % 2] for u in found if u.kind == "expert"}, group_size=32)
+    quantize_pretrained(src, plan, out, method="gptq", calibration=ids, batch_size=1, split_calibration=True,
+                        progress=False)
+
+
 def die(out: pathlib.Path) -> None:
     rank, _ = distributed.world()
     if rank == 1:
@@ -65,4 +117,4 @@ def die(out: pathlib.Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     distributed.init_from_env()
-    {"equal": equal, "die": die}[sys.argv[1]](pathlib.Path(sys.argv[2]))
+    {"equal": equal, "split": split, "stream": stream, "die": die}[sys.argv[1]](pathlib.Path(sys.argv[2]))

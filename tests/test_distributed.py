@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -21,14 +22,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(mode: str, out: pathlib.Path, world: int, timeout_s: float = 120) -> list[subprocess.Popen]:
+def _launch(mode: str, out: pathlib.Path, world: int, timeout_s: float = 120,
+            extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for rank in range(world):
         env = os.environ | {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                             "MOE_AO_DIST_TIMEOUT": str(timeout_s), "CUDA_VISIBLE_DEVICES": ""}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(out), *extra], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -60,6 +62,66 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert packed
     for k, t in a["tensors"].items():
         assert torch.equal(t, b["tensors"][k]), k  # bit-identical codes, scales and float weights
+
+
+@pytest.mark.slow
+def test_split_calibration_sums_the_statistics_of_half_the_batches(tmp_path):
+    """With split_calibration each of 2 ranks runs half the calibration batches, and each phase's
+    Hessians, token and routing counts are summed over the ranks: layer 0's statistics equal one
+    process's up to float32 summation order. GPTQ's error feedback turns a rare different rounding
+    into different later codes, so the codes are another GPTQ solution of the same quality."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for rc, text in _wait(_launch("split", one, 1), 600) + _wait(_launch("split", two, 2), 600):
+        assert rc == 0, text[-3000:]
+    a = torch.load(f"{one}.0.pt", weights_only=False)
+    b0, b1 = (torch.load(f"{two}.{r}.pt", weights_only=False) for r in (0, 1))
+    assert (a["world"], b0["world"]) == (1, 2)
+    assert b0["batches"] == b1["batches"] == a["batches"] // 2  # the forwards are divided
+    assert a["routing"][0] == b0["routing"][0] == b1["routing"][0]
+    layer0 = {k: n for k, n in a["tokens"].items() if ".layers.0." in k}
+    assert layer0 and layer0 == {k: b0["tokens"][k] for k in layer0}
+    assert a["hessians"].keys() == b0["hessians"].keys() and a["hessians"]
+    first = [k for k in a["hessians"] if k.startswith("model.layers.0:0:")]  # before any code differs
+    assert first
+    for k, h in a["hessians"].items():
+        assert torch.equal(b0["hessians"][k], b1["hessians"][k]), k  # one all-reduce: the same bits on both
+        rel = ((b0["hessians"][k] - h).norm() / h.norm()).item()
+        assert rel < (1e-5 if k in first else 0.1), f"{k}: summed Hessian vs one process's, rel. {rel:.2e}"
+    for k in a["tensors"]:
+        assert torch.equal(b0["tensors"][k], b1["tensors"][k]), k  # every rank holds the same weights
+    assert abs(b0["kl"] / a["kl"] - 1) < 0.1, (a["kl"], b0["kl"])
+
+
+@pytest.mark.slow
+def test_killed_split_run_resumes_to_the_uninterrupted_checkpoint(tmp_path):
+    """2 ranks, streamed GPTQ with the calibration split: SIGKILL both after a few layers, start them
+    again, and the checkpoint is byte for byte the uninterrupted 2-rank run's (rank 0's resume state
+    holds every rank's hidden states; each rank takes its share back)."""
+    from stream.test_resume import config, files, finished_layers
+
+    from moe_ao.stream import write_random_checkpoint
+
+    src = write_random_checkpoint(config(layers=6), tmp_path / "src")
+    ids = tmp_path / "ids.pt"
+    torch.save(torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0)), ids)
+    extra = (str(src), str(ids))
+    for rc, text in _wait(_launch("stream", tmp_path / "ref", 2, extra=extra), 600):
+        assert rc == 0, text[-3000:]
+    procs = _launch("stream", tmp_path / "out", 2, extra=extra)
+    deadline = time.monotonic() + 600
+    while finished_layers(tmp_path, "out") < 2 and all(p.poll() is None for p in procs) \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    done = finished_layers(tmp_path, "out")
+    assert 2 <= done < 5 and not (tmp_path / "out").exists()
+    results = _wait(_launch("stream", tmp_path / "out", 2, extra=extra), 600)
+    for rc, text in results:
+        assert rc == 0, text[-3000:]
+    assert f"resuming after layer {done}" in results[0][1]
+    assert files(tmp_path / "out") == files(tmp_path / "ref")
 
 
 def test_a_dead_rank_makes_the_other_fail_with_a_clear_error(tmp_path):

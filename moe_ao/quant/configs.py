@@ -55,6 +55,12 @@ class GPTQConfig:
             model's dtype elsewhere).
         true_sequential: the paper's phases within a layer (default), or one pass.
         progress: show progress (a bar in a terminal, one line per stage otherwise).
+        split_calibration: under torch.distributed, each rank runs only every
+            world-size-th calibration batch and the Hessians and routing counts are
+            summed over the ranks (all-reduce). Divides the calibration forwards by
+            the ranks; the sums are then in another order than one process's, so codes
+            can differ from a single-process run in rare roundings (without it, they are
+            bit-identical). No effect in one process.
 
     Raises:
         ValueError: a field of the wrong type or out of range, naming it.
@@ -70,6 +76,7 @@ class GPTQConfig:
     compute_dtype: torch.dtype | None = None
     true_sequential: bool = True
     progress: bool = True
+    split_calibration: bool = False
     method: ClassVar[Method] = Method.GPTQ
 
     def __post_init__(self) -> None:
@@ -85,7 +92,7 @@ class GPTQConfig:
         m = self.min_tokens
         _check(m is None or (isinstance(m, int) and not isinstance(m, bool) and m >= 0), "min_tokens", m,
                "None or an int >= 0")
-        for name in ("act_order", "weight_by_routing", "true_sequential", "progress"):
+        for name in ("act_order", "weight_by_routing", "true_sequential", "progress", "split_calibration"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         d = self.compute_dtype
         _check(d is None or (isinstance(d, torch.dtype) and d.is_floating_point), "compute_dtype", d,

@@ -15,10 +15,17 @@ it saw) is quantized with its layer's pooled Hessian (all tokens that entered th
 experts bank); if even that has fewer tokens, with RTN. Each fallback is listed in the
 report. A weight column is never zeroed.
 
-Distributed: under torch.distributed (``torchrun``) every rank runs the calibration
-forwards, and each phase's units (a layer's experts, mostly) are split round-robin over
-the ranks: each solves its own and the codes are gathered, so every rank writes the
-same quantized weights back and the next phase sees them.
+Distributed: under torch.distributed (``torchrun``) each phase's units (a layer's
+experts, mostly) are split round-robin over the ranks: each solves its own and the
+codes are gathered, so every rank writes the same quantized weights back and the next
+phase sees them. By default every rank runs every calibration forward, and the codes
+are bit-identical to one process's. With ``split_calibration`` rank r runs only
+batches r, r + N, ... (and carries only their hidden states from layer to layer); the
+Hessians, token and routing counts of each phase are summed over the ranks with one
+all-reduce each (``LayerObserver.sum_over_ranks``: every rank gets the same bits). That divides the forwards, the bulk of GPTQ's
+time, by N, at the price of exact equality: a Hessian summed as (rank 0's batches) +
+(rank 1's) differs from the sequential sum in float32 rounding (~1e-7 relative), which
+can flip a rare code. The resume state holds every rank's hidden states, in batch order.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from torch import nn
 
 from moe_ao.calibration import check_token_ids
 from moe_ao.discovery import decoder_layers, unit_weight
-from moe_ao.distributed import gather_dict, mine
+from moe_ao.distributed import gather_dict, gather_objects, mine, world
 from moe_ao.plans import Plan
 from moe_ao.primitives import QuantizedWeight, check_finite, check_finite_params, scale_dtype_for
 from moe_ao.progress import progress
@@ -143,9 +150,39 @@ class LayerwiseGPTQ:
                 self.layer_units[u.layer].append(u)
         self.record: dict[str, Any] = {"tokens": {}, "fallbacks": {}, "loss": {}, "routing_counts": {}}
 
+    @property
+    def split(self) -> bool:
+        """True when this rank calibrates on its share of the batches only."""
+        return self.config.split_calibration and world()[1] > 1
+
     def first_inputs(self) -> LayerInputs:
-        """The calibration set's inputs of layer 0, in the compute dtype."""
-        return capture_inputs(self.model, self.config.calibration, self.config.batch_size).to(self.compute_dtype)
+        """The calibration set's inputs of layer 0 (this rank's batches with ``split_calibration``),
+        in the compute dtype.
+
+        Raises:
+            ValueError: fewer calibration batches than ranks to split them over.
+        """
+        inputs = capture_inputs(self.model, self.config.calibration, self.config.batch_size).to(self.compute_dtype)
+        return self.own(inputs)
+
+    def own(self, inputs: LayerInputs) -> LayerInputs:
+        """This rank's share of the whole set's ``inputs`` (batches rank, rank + N, ...), or all of them."""
+        if not self.split:
+            return inputs
+        size = world()[1]
+        if len(inputs.hidden) < size:
+            raise ValueError(f"split_calibration: {len(inputs.hidden)} calibration batches of {self.config.batch_size}"
+                             f" windows cannot be split over {size} ranks; lower batch_size or add windows")
+        return LayerInputs(mine(inputs.hidden), mine(inputs.kwargs))
+
+    def whole(self, inputs: LayerInputs) -> LayerInputs:
+        """Every rank's share put back together in batch order (for the resume state), or ``inputs``."""
+        if not self.split:
+            return inputs
+        parts = gather_objects((inputs.hidden, inputs.kwargs), "the calibration hidden states")
+        size, n = len(parts), sum(len(h) for h, _ in parts)
+        return LayerInputs([parts[c % size][0][c // size] for c in range(n)],
+                           [parts[c % size][1][c // size] for c in range(n)])
 
     def layer(self, i: int, inputs: LayerInputs) -> tuple[dict[str, PackedWeight], LayerInputs]:
         """Quantizes layer i on ``inputs``; returns its packed parameters and layer i+1's inputs.
@@ -164,6 +201,8 @@ class LayerwiseGPTQ:
             with LayerObserver(prefix, work, self.layer_units[i], {u.name for u in phase_units},
                                self.config.weight_by_routing) as obs:
                 run_layer(work, inputs)
+            if self.split:
+                obs.sum_over_ranks(f"{prefix} phase {phase}")
             _quantize_phase(work, prefix, obs, phase_units, self.plan, self.config, self.stored, results, self.record)
             if obs.routing_counts is not None:
                 self.record["routing_counts"][i] = obs.routing_counts.tolist()

@@ -277,6 +277,31 @@ class LayerObserver:
         if want_down:
             self._add(f"{path}:down", H_down, n)
 
+    def sum_over_ranks(self, what: str) -> None:
+        """Under torch.distributed with the calibration split over ranks: every statistic becomes
+        the sum over ranks (one all-reduce each; the same bits on every rank).
+
+        Raises:
+            DistributedError: a collective failed, or the ranks gathered different statistics.
+        """
+        from moe_ao.distributed import DistributedError, gather_objects, sum_over_ranks, world
+
+        if world()[1] == 1:
+            return
+        keys = sorted(self.H)
+        everyone = gather_objects((keys, self.routing_counts is not None), f"the statistics kept for {what}")
+        if any(k != everyone[0] for k in everyone):
+            raise DistributedError(f"{what}: the ranks observed different statistics {everyone}; every rank "
+                                   f"needs at least one calibration batch")
+        for k in keys:
+            self.H[k] = sum_over_ranks(self.H[k], f"Hessians of {what}")
+            self.n[k] = sum_over_ranks(self.n[k], f"token counts of {what}")
+        if self.routing_counts is not None:
+            self.routing_counts = sum_over_ranks(self.routing_counts, f"routing counts of {what}")
+        totals = sum_over_ranks(torch.tensor([self.entropy_sum, float(self.entropy_tokens)], dtype=torch.float64),
+                                f"router entropy of {what}")
+        self.entropy_sum, self.entropy_tokens = float(totals[0]), int(totals[1])
+
     # --------------------------------------------------------------- results
     def hessian(self, unit: Unit) -> tuple[torch.Tensor, int]:
         """Mean xxᵀ [K, K] over the unit's inputs and how many tokens it saw."""

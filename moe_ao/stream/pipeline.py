@@ -125,7 +125,7 @@ def quantize_pretrained(
                               f"start over)") from e
             state = {"quantized": report.quantized, "extra": report.extra}
             if run is not None:
-                state |= {"inputs": inputs, "record": run.record}
+                state |= {"inputs": run.whole(inputs), "record": run.record}
             if job is not None:
                 job.write_layer(i, tensors, meta | {"keys": sorted(tensors)}, state)
             bar.update()
@@ -157,4 +157,4 @@ def _start(model, plan, planned, all_units, config, report, state: dict[str, Any
     if state is None:
         return run, run.first_inputs()
     run.record = state["record"]
-    return run, state["inputs"]
+    return run, run.own(state["inputs"])
