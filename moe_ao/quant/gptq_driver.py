@@ -22,10 +22,13 @@ phase sees them. By default every rank runs every calibration forward, and the c
 are bit-identical to one process's. With ``split_calibration`` rank r runs only
 batches r, r + N, ... (and carries only their hidden states from layer to layer); the
 Hessians, token and routing counts of each phase are summed over the ranks with one
-all-reduce each (``LayerObserver.sum_over_ranks``: every rank gets the same bits). That divides the forwards, the bulk of GPTQ's
-time, by N, at the price of exact equality: a Hessian summed as (rank 0's batches) +
-(rank 1's) differs from the sequential sum in float32 rounding (~1e-7 relative), which
-can flip a rare code. The resume state holds every rank's hidden states, in batch order.
+all-reduce each (``LayerObserver.sum_over_ranks``: every rank gets the same bits).
+That divides the forwards, the bulk of GPTQ's time, by N, at the price of exact
+equality: a Hessian summed as (rank 0's batches) + (rank 1's) differs from the
+sequential sum in float32 rounding (~1e-7 relative), which can flip a rounding, and
+GPTQ's error feedback carries a flip into the later codes of its row: the result is
+another solution of the same quality. The resume state holds every rank's hidden
+states, in batch order.
 """
 
 from __future__ import annotations
