@@ -12,6 +12,7 @@ the calibration/evaluation setup. A rerun skips them.
     python benchmarks/paper_table.py                      # both embedded models, GPTQ
     python benchmarks/paper_table.py --dry-run            # plans and bits only, no quantization
     python benchmarks/paper_table.py --model tiny-mixtral --method rtn --strategies outlier outlier-random
+    python benchmarks/paper_table.py --act-bits 8 --out benchmarks/results/w8a/paper_table  # W+A twins
 
 Writes ``<out>_<model>.md/.json/.png`` (table, raw numbers, true bits vs KL with the
 Pareto front) and ``findings.md`` in the same folder.
@@ -172,6 +173,14 @@ def grid(facts: Facts, units: list[moe_ao.Unit], seeds: list[int], budgets: list
     return cells
 
 
+def with_act_bits(p: moe_ao.Plan, act_bits: int) -> moe_ao.Plan:
+    """``p`` with int8 per-token activations (``act_bits``) on every quantized unit: its W+A twin,
+    the same weights and bits (the paper's W+A experiments)."""
+    specs = {n: replace(s, act_bits=act_bits) if s.quantized else s for n, s in p.items()}
+    return moe_ao.Plan(specs, group_size=p.defaults.group_size, symmetric=p.defaults.symmetric,
+                       allow_low_bit_router=p.allow_low_bit_router, meta=p.meta | {"act_bits": act_bits})
+
+
 def file_hash(path: Path) -> str:
     """sha256 over a checkpoint folder's files (relative names and contents)."""
     h = hashlib.sha256()
@@ -266,8 +275,9 @@ class ModelRun:
             stats = self.kl_stats
         elif cell.params.get("sensitivity") == "estimate":
             stats = self.est_stats
-        return plan(self.model, cell.strategy, cell.budget, stats, cell.seed, group_size=GROUP_SIZE,
-                    base=cell.base, **cell.params)
+        p = plan(self.model, cell.strategy, cell.budget, stats, cell.seed, group_size=GROUP_SIZE,
+                 base=cell.base, **cell.params)
+        return with_act_bits(p, self.args.act_bits) if self.args.act_bits else p
 
     def lm_acc(self, model: torch.nn.Module) -> float:
         from moe_ao.eval import lm_eval
@@ -362,7 +372,8 @@ def table_md(run: ModelRun, table: list[dict[str, Any]], args: argparse.Namespac
     f = run.facts
     secs = statistics.median([e["quantize_s"] for e in table if "quantize_s" in e] or [0])
     ref_ppl = next((e["ref_ppl"] for e in table if "ref_ppl" in e), float("nan"))
-    lines = [f"# QuantMoE-Bench grid on `{run.tag}` ({args.method.upper()})", "", f"Machine: {machine()}", "",
+    wa = f", activations int{args.act_bits} per token" if args.act_bits else ""
+    lines = [f"# QuantMoE-Bench grid on `{run.tag}` ({args.method.upper()}{wa})", "", f"Machine: {machine()}", "",
              f"Model: {run.path} (sha256 {run.model_hash[:16]}), {len(f.moe_layers)} MoE blocks of {f.n_experts}"
              f" experts{', shared expert' if f.has_shared else ''}. Calibration: {args.n_calib} × {args.seq_len}"
              f" tokens of {args.calibration}; evaluation: {run.windows.shape[0]} × {args.seq_len} tokens of"
@@ -445,6 +456,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     " estimate")
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], help="seeds of the random controls")
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    ap.add_argument("--act-bits", type=int, choices=(8,), default=None,
+                    help="W+A: int8 per-token activations on every quantized unit of every plan (their W+A twins);"
+                         " findings go to findings_a8.md")
     ap.add_argument("--lm-eval-limit", type=int, default=0, help="documents of the local lm-eval task (0: off)")
     ap.add_argument("--out", default="benchmarks/results/paper_table", help="output prefix")
     ap.add_argument("--cache-dir", help="default: <out folder>/cache")
@@ -517,7 +531,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
     if not args.dry_run:
         text = findings_md(tables, args) + _command_line(args)
-        (Path(args.out).parent / "findings.md").write_text(text)
+        name = f"findings_a{args.act_bits}.md" if args.act_bits else "findings.md"
+        (Path(args.out).parent / name).write_text(text)
     return {"tables": tables, "counts": counts}
 
 

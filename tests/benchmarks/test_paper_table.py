@@ -37,3 +37,18 @@ def test_paper_table_runs_and_resumes_from_cache(tmp_path, monkeypatch):
     again = paper_table.main(argv)["counts"]["tiny-mixtral"]
     assert again["cached"] == 2 and again.get("ran", 0) == 0, again
     sys.modules.pop("paper_table", None)
+
+
+def test_act_bits_twin_keeps_weights_and_quantizes_activations(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import paper_table
+
+    import moe_ao
+
+    p = moe_ao.Plan({"a": 2, "b": {"bits": 4, "group_size": 16}, "c": 16}, group_size=32, meta={"strategy": "x"})
+    twin = paper_table.with_act_bits(p, 8)
+    assert [(n, s.bits, s.group_size) for n, s in twin.items()] == [(n, s.bits, s.group_size) for n, s in p.items()]
+    assert (twin["a"].act_bits, twin["b"].act_bits, twin["c"].act_bits) == (8, 8, None)
+    assert twin.meta == {"strategy": "x", "act_bits": 8} and p.meta == {"strategy": "x"}
+    assert twin.to_json() != p.to_json()  # another plan hash: its own cache entries
+    sys.modules.pop("paper_table", None)
