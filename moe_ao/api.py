@@ -178,6 +178,8 @@ def quantize_(
         from moe_ao.quant.gptq_driver import gptq_packed  # the calibration machinery: only when asked for
 
         new = gptq_packed(model, plan, planned, all_units, config, report)
+        # lm_head / embeddings: no decoder-layer inputs to calibrate on; RTN, listed in the report
+        new |= rtn_packed(model, plan, [u for u in planned if u.layer is None], all_units, report)
     else:
         new = rtn_packed(model, plan, planned, all_units, report)
     return apply_packed(model, plan, new, report)

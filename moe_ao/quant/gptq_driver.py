@@ -127,8 +127,7 @@ class LayerwiseGPTQ:
             tokens, fallbacks and GPTQ losses to ``report.extra`` (by :meth:`finish`).
 
     Raises:
-        ValueError: token ids outside the vocabulary, or a planned unit outside the
-            decoder layers.
+        ValueError: token ids outside the vocabulary.
     """
 
     def __init__(self, model: nn.Module, plan: Plan, planned: list[Unit], all_units: list[Unit],
@@ -143,10 +142,12 @@ class LayerwiseGPTQ:
         on_cpu = first.device.type in ("cpu", "meta")
         self.compute_dtype = config.compute_dtype or (torch.float32 if on_cpu else self.stored)
         self.by_layer: dict[int, list[Unit]] = defaultdict(list)
+        # Planned units outside the decoder layers (lm_head, embeddings) have no layer inputs to
+        # calibrate on here: the caller quantizes them with RTN (report.extra["rtn_outside_layers"]).
+        self.outside = [u.name for u in planned if u.layer is None]
         for u in planned:
-            if u.layer is None:
-                raise ValueError(f"{u.name}: GPTQ quantizes decoder-layer units only; plan it for method='rtn'")
-            self.by_layer[u.layer].append(u)
+            if u.layer is not None:
+                self.by_layer[u.layer].append(u)
         self.layer_units: dict[int, list[Unit]] = defaultdict(list)
         for u in all_units:
             if u.layer is not None:
@@ -222,6 +223,8 @@ class LayerwiseGPTQ:
     def finish(self) -> None:
         """Puts the run's records (tokens, fallbacks, losses, routing counts) into the report."""
         self.report.extra.update(self.record)
+        if self.outside:
+            self.report.extra["rtn_outside_layers"] = list(self.outside)
         if self.record["fallbacks"]:
             logger.warning("GPTQ fell back for %d rare units (see report.extra['fallbacks'])",
                            len(self.record["fallbacks"]))
@@ -243,9 +246,11 @@ def gptq_packed(
     Returns:
         parameter FQN -> PackedWeight.
 
+    Planned units outside the decoder layers (lm_head, embeddings) are left to the caller
+    (``quantize_`` quantizes them with RTN).
+
     Raises:
-        ValueError: token ids outside the vocabulary, a non-finite parameter, or a
-            planned unit outside the decoder layers.
+        ValueError: token ids outside the vocabulary or a non-finite parameter.
     """
     check_finite_params(model)  # one NaN anywhere poisons the Hessians of every layer after it
     run = LayerwiseGPTQ(model, plan, planned, all_units, config, report)

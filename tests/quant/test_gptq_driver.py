@@ -165,3 +165,23 @@ def test_one_pass_mode_also_beats_rtn_and_differs_from_true_sequential():
     a = seq.get_submodule(down).down_proj.dequantize()
     b = one.get_submodule(down).down_proj.dequantize()
     assert not torch.equal(a, b)  # down_proj saw quantized vs float gate/up activations
+
+
+def test_units_outside_the_layers_get_rtn_in_a_gptq_run():
+    """lm_head has no decoder-layer inputs to calibrate on: a GPTQ plan that names it gets its RTN
+    codes (the same bits as method='rtn' gives it), listed in the report; the layers get GPTQ."""
+    torch.manual_seed(0)
+    model = archs.build("mixtral")
+    if getattr(model.config, "tie_word_embeddings", False):
+        pytest.skip("tied lm_head")
+    head = next(u for u in moe_ao.units(model) if u.kind == "lm_head")
+    plan = moe_ao.Plan({**{u.name: 3 for u in moe_ao.units(model) if u.kind == "expert"}, head.name: 4},
+                       group_size=32)
+    calib = torch.randint(0, archs.VOCAB, (8, 32))
+    rtn = moe_ao.quantize_(copy.deepcopy(model), moe_ao.Plan({head.name: 4}, group_size=32))
+    gptq = moe_ao.quantize_(model, plan, method="gptq", calibration=calib, progress=False)
+    assert quantization_report(gptq).extra["rtn_outside_layers"] == [head.name]
+    got, want = gptq.get_parameter(head.param), rtn.get_parameter(head.param)
+    assert isinstance(got, PackedWeight)
+    for name in got.__tensor_flatten__()[0]:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
