@@ -4,7 +4,7 @@ On the OLMoE-1B-7B-shaped random checkpoint of ``bench_streaming.py`` (hidden 20
 layers of 64 experts top-8, vocab 50304: 6.9B parameters, 13.8 GB in bf16; 3,072 expert
 units of each projection), streamed one layer at a time from its files, in a fresh
 process: ``profile`` (routing counts), ``estimate_sensitivities`` (two passes: the
-estimated KL of every unit at 2/3/4/8 bits) and the knapsack at 2.5 average bits on that
+estimated KL of every unit at 2/3/4/8 bits, RTN candidates by default) and the knapsack at 2.5 average bits on that
 estimate. Reports each step's wall time and the process's peak RSS (VmHWM). Random
 weights and random calibration tokens: this measures cost, not quality.
 
@@ -39,6 +39,7 @@ def peak_gib():
 
 src = sys.argv[1]
 windows, seq_len, threads, group = (int(a) for a in sys.argv[2:6])
+quantizer = sys.argv[6]
 torch.set_num_threads(threads)
 out, t = {}, time.perf_counter()
 streamed = StreamedModel(src)
@@ -49,7 +50,7 @@ ids = torch.randint(0, model.config.vocab_size, (windows, seq_len), generator=to
 out["open_s"], t = time.perf_counter() - t, time.perf_counter()
 prof = profile(model, ids, hessians=False)
 out["profile_s"], out["profile_peak_gib"], t = time.perf_counter() - t, peak_gib(), time.perf_counter()
-estimate_sensitivities(model, ids, prof, group_size=group)
+estimate_sensitivities(model, ids, prof, group_size=group, quantizer=quantizer)
 out["estimate_s"], out["estimate_peak_gib"], t = time.perf_counter() - t, peak_gib(), time.perf_counter()
 p = plan(model, "knapsack", budget_bits=2.5, stats=prof, group_size=group)
 out["knapsack_s"] = time.perf_counter() - t
@@ -67,13 +68,16 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
+                    help="candidates the estimate prices (gptq: a GPTQ solve per unit and width, ~30 min per "
+                         "OLMoE layer on 2 cores)")
     ap.add_argument("--out", default="benchmarks/results/plan_at_scale.md")
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     src = make(args.root, "olmoe")
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", RUN, str(src), str(args.windows), str(args.seq_len),
-                           str(args.threads), "128"], capture_output=True, text=True, env=env)
+                           str(args.threads), "128", args.quantizer], capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -81,7 +85,7 @@ def main() -> None:
     lines = ["# Profile + estimated sensitivities + knapsack on an OLMoE-1B-7B-shaped checkpoint", "",
              f"Machine: {machine()}, {args.threads} thread(s). Checkpoint: random weights, {gb(src):.1f} GB bf16, "
              f"streamed one layer at a time; {args.windows} x {args.seq_len} random calibration tokens; group 128; "
-             f"{r['units']} units estimated at 2/3/4/8 bits.", "",
+             f"{r['units']} units estimated at 2/3/4/8 bits with {args.quantizer.upper()} candidates.", "",
              "| step | wall s | peak RSS after it, GiB |", "|---|---:|---:|",
              f"| open (config, embeddings, head) | {r['open_s']:.0f} | |",
              f"| profile (routing counts) | {r['profile_s']:.0f} | {r['profile_peak_gib']:.2f} |",
