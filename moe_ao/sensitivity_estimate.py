@@ -92,29 +92,41 @@ def _working_copy(model: nn.Module, i: int, dtype: torch.dtype) -> nn.Module:
 def _candidates(layer: nn.Module, lp: str, units: list[Unit], layer_units: list[Unit], inputs: LayerInputs,
                 bits: Sequence[int], group_sizes: dict[str, int], symmetric: bool, scale_dtype: torch.dtype,
                 gptq: bool) -> tuple[LayerInputs, dict[str, dict[int, QuantizedWeight]], dict[str, str]]:
-    """Runs the float layer once (observing GPTQ Hessians) and quantizes its units at every width.
+    """Runs the float layer once (observing GPTQ Hessians) and, for GPTQ, quantizes its units at
+    every width. RTN candidates depend on the weights alone: they are not kept from this pass but
+    made again, identically, in the backward pass (:func:`_quantized_at`), so memory holds one
+    layer's candidates, not the model's (~4 bytes per weight for four widths).
 
-    Returns (the next layer's inputs, unit -> width -> codes, units whose GPTQ fell back)."""
+    Returns (the next layer's inputs, unit -> width -> codes (GPTQ only), units whose GPTQ fell back)."""
     wanted = {u.name for u in units} if gptq else set()
     with LayerObserver(lp, layer, layer_units, wanted) as obs:
         outputs = run_layer(layer, inputs)
+    for u in units:
+        check_finite(unit_weight(layer, _local(u, lp)).detach(), u.name)
+    if not gptq:
+        return outputs, {}, {}
     hessians, fallbacks = {}, {}
-    for u in units if gptq else ():
+    for u in units:
         H, fallback, _ = obs.hessian_or_fallback(u, u.shape[1])
         if fallback:
             fallbacks[u.name] = fallback
         if H is not None:
             hessians[u.name] = H
+    return outputs, _quantized_at(layer, lp, units, bits, group_sizes, symmetric, scale_dtype, hessians), fallbacks
+
+
+def _quantized_at(layer: nn.Module, lp: str, units: list[Unit], bits: Sequence[int], group_sizes: dict[str, int],
+                  symmetric: bool, scale_dtype: torch.dtype,
+                  hessians: dict[str, torch.Tensor]) -> dict[str, dict[int, QuantizedWeight]]:
+    """unit -> width -> its codes: GPTQ where ``hessians`` has the unit, RTN otherwise."""
     weights = {u.name: unit_weight(layer, _local(u, lp)).detach() for u in units}
-    for u in units:
-        check_finite(weights[u.name], u.name)
     cands: dict[str, dict[int, QuantizedWeight]] = defaultdict(dict)
     for b in bits:
         specs = {u.name: QuantSpec(b, group_sizes[u.name], symmetric) for u in units}
         results, _ = quantize_units(weights, specs, hessians, scale_dtype)
         for name, q in results.items():
             cands[name][b] = q
-    return outputs, dict(cands), fallbacks
+    return dict(cands)
 
 
 def _head_grads(head: Head, ids: list[torch.Tensor], final: LayerInputs, samples: int, seed: int,
@@ -271,7 +283,12 @@ def estimate_kl_sensitivities(
     for i in reversed(range(len(layers))):
         if todo.get(i) or i > 0:
             layer = _working_copy(model, i, compute_dtype)
-            _layer_backward(layer, f"{prefix}.{i}", todo.get(i, []), cands, bits, stored[i], grads, i > 0, ours, acc)
+            lp = f"{prefix}.{i}"
+            layer_cands = cands if quantizer == "gptq" else _quantized_at(
+                layer, lp, todo.get(i, []), bits, group_sizes, symmetric, scale_dtype, {})  # RTN: made again here
+            _layer_backward(layer, lp, todo.get(i, []), layer_cands, bits, stored[i], grads, i > 0, ours, acc)
+            for u in todo.get(i, []):
+                cands.pop(u.name, None)  # this layer is done: its GPTQ candidates are not needed again
         stored[i] = None  # type: ignore[call-overload]
         bar.update()
     bar.close()
