@@ -231,3 +231,14 @@ def test_gptq_on_every_bank_layout_beats_rtn(arch):
             return F.kl_div(q(calib).logits.log_softmax(-1), want, log_target=True, reduction="batchmean").item()
 
         assert kl(gptq) < kl(rtn)
+
+
+def test_weight_by_routing_on_jetmoe_banks_is_refused_by_name_and_leaves_no_hook():
+    model = moe_archs.build("jetmoe")
+    found = moe_ao.units(model)
+    layer = model.model.layers[0]
+    names = {u.name for u in found if u.layer == 0}
+    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.input_linear: weight_by_routing"):
+        with LayerObserver("model.layers.0", layer, [u for u in found if u.layer == 0], names, weight_by_routing=True):
+            pass
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in layer.modules())

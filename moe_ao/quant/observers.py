@@ -92,6 +92,15 @@ class LayerObserver:
             elif any(u.name in self.wanted for u in us):
                 module = self.layer.get_submodule(path)
                 self._handles.append(module.register_forward_pre_hook(self._linear_hook(path)))
+        try:
+            self._hook_fused(by_module)
+        except BaseException:
+            self.__exit__()  # a refused bank (NotImplementedError) leaves no hook behind
+            raise
+        return self
+
+    def _hook_fused(self, by_module: dict[str, list[Unit]]) -> None:
+        """One pre-hook per fused experts module, chosen by how that module is called."""
         for path in sorted(self._fused):
             module = self.layer.get_submodule(path)
             us = by_module[path]
@@ -106,7 +115,6 @@ class LayerObserver:
                     module = self.layer.get_submodule(path.rpartition(".")[0])
                 hook = self._experts_hook(path, us)
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
