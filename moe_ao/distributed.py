@@ -91,18 +91,10 @@ def gather_dict(part: dict[str, Any], what: str) -> dict[str, Any]:
         DistributedError: a collective failed or timed out (another rank died or
             stopped), naming ``what``.
     """
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return part
-    cpu = {k: _to_cpu(v) for k, v in part.items()}
-    parts: list[Any] = [None] * size
-    try:
-        dist.all_gather_object(parts, cpu)
-    except (RuntimeError, dist.DistBackendError) as e:  # gloo/nccl report a dead peer or a timeout this way
-        raise DistributedError(f"rank {rank}: gathering {what} from {size} ranks failed ({e}); another rank"
-                               f" probably died or timed out") from e
     out: dict[str, Any] = {}
-    for p in parts:
+    for p in gather_objects(part, what):
         out.update(p)
     return out
 
@@ -141,8 +133,8 @@ def gather_objects(obj: T, what: str) -> list[T]:
         return [obj]
     parts: list[Any] = [None] * size
     try:
-        dist.all_gather_object(parts, _to_cpu(obj))
-    except (RuntimeError, dist.DistBackendError) as e:
+        dist.all_gather_object(parts, _to_cpu(obj))  # tensors go to CPU for the exchange
+    except (RuntimeError, dist.DistBackendError) as e:  # gloo/nccl report a dead peer or a timeout this way
         raise DistributedError(f"rank {rank}: gathering {what} from {size} ranks failed ({e}); another rank"
                                f" probably died or timed out") from e
     return parts
@@ -181,6 +173,8 @@ def _to_cpu(v: Any) -> Any:
         return v.cpu()
     if isinstance(v, dict):
         return {k: _to_cpu(x) for k, x in v.items()}
+    if type(v) in (list, tuple):  # the calibration hidden states and their layer kwargs
+        return type(v)(_to_cpu(x) for x in v)
     if hasattr(v, "__dataclass_fields__"):
         return type(v)(**{k: _to_cpu(getattr(v, k)) for k in v.__dataclass_fields__})
     return v

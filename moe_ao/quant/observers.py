@@ -156,15 +156,22 @@ class LayerObserver:
         return hook
 
     def _count(self, top_k_index: torch.Tensor, E: int) -> None:
-        counts = torch.bincount(top_k_index.reshape(-1).long(), minlength=E)[:E]
+        self._add_counts(torch.bincount(top_k_index.reshape(-1).long(), minlength=E)[:E])
+
+    def _add_counts(self, counts: torch.Tensor) -> None:
+        """Adds routed tokens per expert ([E])."""
         self.routing_counts = counts if self.routing_counts is None else self.routing_counts + counts
+
+    def _wants(self, us: list[Unit]) -> tuple[bool, bool, int]:
+        """(gate/up Hessians wanted, down Hessians wanted, down_proj's in_features) of a bank's units."""
+        want_up = any(u.proj != "down_proj" and u.name in self.wanted for u in us)
+        want_down = any(u.proj == "down_proj" and u.name in self.wanted for u in us)
+        return want_up, want_down, next((u.shape[1] for u in us if u.proj == "down_proj"), 0)
 
     def _experts_hook(self, path: str, us: list[Unit]):
         """An experts module called as ``(hidden_states, top_k_index, top_k_weights)``; ``path`` is the
         module holding the banks (DBRX's ``experts.mlp``: the hook sits on its parent)."""
-        want_up = any(u.proj != "down_proj" and u.name in self.wanted for u in us)
-        want_down = any(u.proj == "down_proj" and u.name in self.wanted for u in us)
-        I = next((u.shape[1] for u in us if u.proj == "down_proj"), 0)
+        want_up, want_down, I = self._wants(us)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden, top_k_index, top_k_weights = (list(args) + list(kwargs.values()))[:3]  # gpt-oss names
@@ -173,7 +180,8 @@ class LayerObserver:
             self._count(top_k_index, E)
             if want_up or want_down:
                 x = hidden.reshape(-1, hidden.shape[-1]).float()
-                self._expert_hessians(path, mod, x, top_k_index, top_k_weights, want_up, want_down, I)
+                self._bank_hessians(path, mod, self._routed_rows(x, top_k_index, top_k_weights, E), x,
+                                    want_up, want_down, I)
 
         return hook
 
@@ -181,9 +189,7 @@ class LayerObserver:
         """Llama 4's experts: called with ``[E*T, H]``, expert e's block of T rows being the tokens times
         their routing score (0 where not routed). The scores are already in the inputs, so the
         Hessians are of what the expert sees; ``weight_by_routing`` adds nothing here."""
-        want_up = any(u.proj != "down_proj" and u.name in self.wanted for u in us)
-        want_down = any(u.proj == "down_proj" and u.name in self.wanted for u in us)
-        I = next((u.shape[1] for u in us if u.proj == "down_proj"), 0)
+        want_up, want_down, I = self._wants(us)
 
         @torch.no_grad()
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -191,22 +197,10 @@ class LayerObserver:
             E = mod.num_experts
             x = hidden.reshape(E, -1, hidden.shape[-1]).float()  # [E, T, H]
             routed = x.ne(0).any(-1)  # [E, T]
-            counts = routed.sum(-1)
-            self.routing_counts = counts if self.routing_counts is None else self.routing_counts + counts
-            K = x.shape[-1]
-            H_up = x.new_zeros(E, K, K) if want_up else None
-            H_down = x.new_zeros(E, I, I) if want_down else None
-            for e in range(E):
-                xe = x[e][routed[e]]
-                if want_up:
-                    H_up[e] = xe.T @ xe
-                if want_down:
-                    h = _down_input(mod, e, xe)
-                    H_down[e] = h.T @ h
-            if want_up:
-                self._add(f"{path}:up", H_up, counts)
-            if want_down:
-                self._add(f"{path}:down", H_down, counts)
+            self._add_counts(routed.sum(-1))
+            if want_up or want_down:
+                rows = ((e, x[e][routed[e]], None) for e in range(E))
+                self._bank_hessians(path, mod, rows, x, want_up, want_down, I)
 
         return hook
 
@@ -222,24 +216,23 @@ class LayerObserver:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             inputs, expert_size = (list(args) + [kwargs.get(n) for n in ("inputs", "expert_size")[len(args):]])[:2]
             E = mod.weight.shape[0]
+            counts = torch.as_tensor(expert_size, dtype=torch.long)
             if not down:
-                self.routing_counts = (torch.as_tensor(expert_size, dtype=torch.long) if self.routing_counts is None
-                                       else self.routing_counts + torch.as_tensor(expert_size, dtype=torch.long))
+                self._add_counts(counts)
             if not want:
                 return
             x = inputs.float()
             H = x.new_zeros(E, x.shape[-1], x.shape[-1])
             for e, xe in enumerate(x.split(list(expert_size))):
                 H[e] = xe.T @ xe
-            self._add(f"{path}:{'down' if down else 'up'}", H, torch.as_tensor(expert_size, dtype=torch.long))
+            self._add(f"{path}:{'down' if down else 'up'}", H, counts)
 
         return hook
 
     def _shared_banks_hook(self, path: str, us: list[Unit]):
         """Shared experts in 3D banks ``gate_proj`` / ``up_proj`` [S, I, H], ``down_proj`` [S, H, I],
         called as ``(hidden_states, gammas [..., S])`` (Inkling): every token reaches each of them."""
-        want_up = any(u.proj != "down_proj" and u.name in self.wanted for u in us)
-        want_down = any(u.proj == "down_proj" and u.name in self.wanted for u in us)
+        want_up, want_down, _ = self._wants(us)
 
         @torch.no_grad()
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -257,22 +250,30 @@ class LayerObserver:
 
         return hook
 
-    @torch.no_grad()
-    def _expert_hessians(self, path, mod, x, top_k_index, top_k_weights, want_up, want_down, I) -> None:
-        E, K = mod.num_experts, x.shape[-1]
-        H_up = x.new_zeros(E, K, K) if want_up else None
-        H_down = x.new_zeros(E, I, I) if want_down else None
-        n = torch.zeros(E, dtype=torch.long)
+    def _routed_rows(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, E: int):
+        """Per expert hit by ``top_k_index``: (e, its tokens' rows of x, the sqrt routing-weight scale
+        with ``weight_by_routing`` else None)."""
         for e in range(E):
             hit = top_k_index == e  # [T, k]
             rows = hit.any(-1)
             if not rows.any():
                 continue
-            xe = x[rows]  # [T_e, K]
-            n[e] = xe.shape[0]
             scale = None
             if self.weight_by_routing:
                 scale = (top_k_weights[rows] * hit[rows]).sum(-1, keepdim=True).float().sqrt()
+            yield e, x[rows], scale
+
+    @torch.no_grad()
+    def _bank_hessians(self, path, mod, rows, x: torch.Tensor, want_up: bool, want_down: bool, I: int) -> None:
+        """Adds Σ xxᵀ per expert of the bank at ``path`` from ``rows``: (e, inputs [T_e, K], scale or None),
+        taken from ``x`` (float32, [..., K]); down_proj's inputs are recomputed from the module's current
+        gate/up weights."""
+        E, K = mod.num_experts, x.shape[-1]
+        H_up = x.new_zeros(E, K, K) if want_up else None
+        H_down = x.new_zeros(E, I, I) if want_down else None
+        n = torch.zeros(E, dtype=torch.long)
+        for e, xe, scale in rows:
+            n[e] = xe.shape[0]
             xs = xe * scale if scale is not None else xe
             if want_up:
                 H_up[e] = xs.T @ xs
