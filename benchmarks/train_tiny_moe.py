@@ -67,6 +67,11 @@ DEFAULT_EVAL_BLOCKS = 128
 # favourable setting for RTN; the check must pass even there.
 CHECK_GROUP_SIZE = 32
 CHECK_MIN_RATIO = 10.0
+# Steps per model: about an hour each on one Zen 5 thread (2.0 s / 2.9 s per
+# step), both models at once on the 2-core machine.
+DEFAULT_STEPS = {"tiny-mixtral": 1800, "tiny-qwen2-moe": 1250}
+# The dev and held-out test loss are recorded this often, for the report's curve.
+CURVE_EVERY = 200
 
 
 # --------------------------------------------------------------------------- data
@@ -192,8 +197,13 @@ def lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def train(name: str, tokenizer, train_blocks, dev_blocks, steps: int, seed: int, lr: float):
-    """Trains one model from scratch. Returns (model, stats)."""
+def train(name: str, tokenizer, train_blocks, dev_blocks, test_blocks, steps: int, seed: int, lr: float):
+    """Trains one model from scratch. Returns (model, stats).
+
+    ``stats["curve"]`` lists (step, train loss, dev loss, test loss) every
+    CURVE_EVERY steps. The test loss is only recorded, never used to choose
+    anything (no early stopping): the last step's weights are the model.
+    """
     from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
 
     cls = MixtralForCausalLM if name == "tiny-mixtral" else Qwen2MoeForCausalLM
@@ -212,6 +222,7 @@ def train(name: str, tokenizer, train_blocks, dev_blocks, steps: int, seed: int,
     gen = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     recent: list[float] = []
+    curve: list[tuple[int, float, float, float]] = []
     coef = model.config.router_aux_loss_coef
     model.train()
     start = time.perf_counter()
@@ -230,7 +241,10 @@ def train(name: str, tokenizer, train_blocks, dev_blocks, steps: int, seed: int,
         lm_loss = out.loss.item() - coef * out.aux_loss.item()
         recent = (recent + [lm_loss])[-20:]
         if step % 50 == 0 or step == steps - 1:
-            dev = evaluate_nll(model, dev_blocks) if step % 200 == 0 or step == steps - 1 else float("nan")
+            dev = float("nan")
+            if (step + 1) % CURVE_EVERY == 0 or step == steps - 1:
+                dev = evaluate_nll(model, dev_blocks)
+                curve.append((step + 1, sum(recent) / len(recent), dev, evaluate_nll(model, test_blocks)))
             model.train()
             logger.info(
                 "%s step %d/%d lr %.2e lm_loss %.3f aux %.3f dev_loss %.3f (%.0fs)",
@@ -242,6 +256,7 @@ def train(name: str, tokenizer, train_blocks, dev_blocks, steps: int, seed: int,
         "train_seconds": time.perf_counter() - start,
         # Mean over the last 20 steps: single-batch losses are noisy.
         "train_loss": sum(recent) / len(recent),
+        "curve": curve,
     }
     model.config.output_router_logits = False  # so loaded models' .loss is plain LM loss
     return model.eval(), stats
@@ -457,6 +472,18 @@ def write_report(path: Path, command: str, info: dict, rows: dict, configs: dict
     for label, fmt in fields:
         lines.append(f"| {label} | " + " | ".join(fmt(n, r) for n, r in rows.items()) + " |")
     lines.append("")
+    for name, row in rows.items():
+        if not row.get("curve"):
+            continue
+        lines += [
+            f"Training curve of {name} (train loss: mean of the last 20 steps; dev and test: mean NLL "
+            "per token, fp32 weights during training; test ppl = exp(test loss)):",
+            "",
+            "| step | train loss | dev loss | test loss | test ppl |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        lines += [f"| {s} | {tr:.3f} | {dv:.3f} | {te:.3f} | {math.exp(te):.1f} |" for s, tr, dv, te in row["curve"]]
+        lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     logger.info("wrote %s", path)
@@ -477,7 +504,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     train_blocks, dev_blocks, test_blocks = load_data(tokenizer, args.eval_blocks)
     stats = {"steps": 0, "train_seconds": float("nan"), "train_loss": float("nan")}
     if not args.check_only:
-        model, stats = train(name, tokenizer, train_blocks, dev_blocks, args.steps, args.seed, args.lr)
+        steps = args.steps or DEFAULT_STEPS[name]
+        model, stats = train(name, tokenizer, train_blocks, dev_blocks, test_blocks, steps, args.seed, args.lr)
         model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
         del model
@@ -504,7 +532,7 @@ def run_parallel(names: list[str], args: argparse.Namespace, threads: int) -> di
         for name in names:
             cmd = [
                 sys.executable, str(Path(__file__).resolve()), "--model", name, "--jobs", "1",
-                "--threads", str(threads), "--steps", str(args.steps), "--out", str(args.out),
+                "--threads", str(threads), "--steps", str(args.steps or 0), "--out", str(args.out),
                 "--seed", str(args.seed), "--lr", str(args.lr), "--eval-blocks", str(args.eval_blocks),
                 "--row-json", str(Path(tmp) / f"{name}.json"),
             ] + (["--check-only"] if args.check_only else [])
@@ -518,7 +546,9 @@ def run_parallel(names: list[str], args: argparse.Namespace, threads: int) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="all", choices=[*MODELS, "all"])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per model")
+    parser.add_argument(
+        "--steps", type=int, default=0, help=f"optimizer steps per model (0: {DEFAULT_STEPS})"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint root dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
