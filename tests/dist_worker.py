@@ -3,6 +3,7 @@
     python tests/dist_worker.py equal OUT   # KL sensitivities + GPTQ codes of a tiny model -> OUT (rank 0)
     python tests/dist_worker.py split OUT   # GPTQ with the calibration split over ranks -> OUT.<rank>.pt
     python tests/dist_worker.py stream OUT SRC IDS  # streamed GPTQ of checkpoint SRC, calibration split, -> OUT
+    python tests/dist_worker.py profile OUT # profile with Hessians, calibration split over ranks -> OUT.<rank>.pt
     python tests/dist_worker.py die OUT     # rank 1 exits at once; rank 0 records the error it gets
 """
 
@@ -103,6 +104,26 @@ def stream(out: pathlib.Path) -> None:
                         progress=False)
 
 
+def profile(out: pathlib.Path) -> None:
+    from moe_ao import profiling
+
+    torch.manual_seed(0)
+    model = archs.build("qwen2_moe")  # a dense layer, a shared expert and routed experts
+    ids = torch.randint(0, model.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
+    batches = [0]
+    run_layer = profiling.run_layer
+
+    def counting(layer, inputs):
+        batches[0] += len(inputs.hidden)
+        return run_layer(layer, inputs)
+
+    profiling.run_layer = counting
+    # 4 batches, the last one short, and 24 of the 112 tokens sampled for the block predictor
+    prof = profiling.profile(model, ids, hessians=True, batch_size=2, max_block_tokens=24, progress=False)
+    torch.save({"profile": prof, "batches": batches[0], "world": distributed.world()[1]},
+               out.with_name(f"{out.name}.{distributed.world()[0]}.pt"))
+
+
 def die(out: pathlib.Path) -> None:
     rank, _ = distributed.world()
     if rank == 1:
@@ -117,4 +138,4 @@ def die(out: pathlib.Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     distributed.init_from_env()
-    {"equal": equal, "split": split, "stream": stream, "die": die}[sys.argv[1]](pathlib.Path(sys.argv[2]))
+    {"equal": equal, "split": split, "stream": stream, "profile": profile, "die": die}[sys.argv[1]](pathlib.Path(sys.argv[2]))

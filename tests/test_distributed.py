@@ -93,6 +93,34 @@ def test_split_calibration_sums_the_statistics_of_half_the_batches(tmp_path):
 
 
 @pytest.mark.slow
+def test_profile_splits_its_batches_and_equals_one_process(tmp_path):
+    """Each of 2 ranks profiles half the calibration batches; routing counts, router entropy and the
+    block predictor's sampled rows equal one process's bit for bit, Hessians up to summation order."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for rc, text in _wait(_launch("profile", one, 1), 600) + _wait(_launch("profile", two, 2), 600):
+        assert rc == 0, text[-3000:]
+    a = torch.load(f"{one}.0.pt", weights_only=False)
+    b0, b1 = (torch.load(f"{two}.{r}.pt", weights_only=False) for r in (0, 1))
+    assert (a["world"], b0["world"]) == (1, 2)
+    assert a["batches"] == 2 * b0["batches"] == 2 * b1["batches"]  # 4 batches per layer, 2 per rank
+    pa, pb = a["profile"], b0["profile"]
+    assert pa.routing_counts.keys() == pb.routing_counts.keys() and pa.routing_counts
+    for i, counts in pa.routing_counts.items():
+        assert torch.equal(counts, pb.routing_counts[i]) and torch.equal(counts, b1["profile"].routing_counts[i])
+    assert pa.router_entropy.keys() == pb.router_entropy.keys()
+    for i, h in pa.router_entropy.items():
+        assert abs(h - pb.router_entropy[i]) <= 1e-12 * abs(h), i
+    for i in pa.block_cos:
+        assert pa.block_cos[i].shape == (24,)
+        assert torch.equal(pa.block_cos[i], pb.block_cos[i]), i
+        assert torch.equal(pa.block_inputs[i], pb.block_inputs[i]), i
+    assert pa.hessians.keys() == pb.hessians.keys() and len(pa.hessians) > 10
+    for k, h in pa.hessians.items():
+        assert torch.equal(pb.hessians[k], b1["profile"].hessians[k]), k
+        assert ((pb.hessians[k] - h).norm() / h.norm()).item() < 1e-5, k
+
+
+@pytest.mark.slow
 def test_killed_split_run_resumes_to_the_uninterrupted_checkpoint(tmp_path):
     """2 ranks, streamed GPTQ with the calibration split: SIGKILL both after a few layers, start them
     again, and the checkpoint is byte for byte the uninterrupted 2-rank run's (rank 0's resume state
