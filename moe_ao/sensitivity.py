@@ -156,12 +156,60 @@ class _Reference:
         """Mean per-token KL(float || model whose last hidden states are ``final``), >= 0."""
         total = 0.0
         for z_ref, p, s0, (ids, h) in zip(self.logits, self.probs, self.mass, self._pieces(final)):
-            d = self.head.logits(ids, h) - z_ref  # δ [b, L, V]
-            m = d.amax(-1, keepdim=True)  # log Σ p e^δ = m + log Σ p e^(δ-m): no overflow
-            s1 = (p * torch.exp(d - m)).sum(-1, dtype=torch.float64)
-            s2 = (p * d).sum(-1, dtype=torch.float64)
-            total += float((m.squeeze(-1).double() + torch.log(s1 / s0) - s2 / s0).sum())
+            total += _kl_sum(z_ref, p, s0, self.head.logits(ids, h))
         return max(0.0, total / self.tokens)  # float64 rounding can leave an ~0 KL a hair below zero
+
+
+def _kl_sum(z_ref: torch.Tensor, p: torch.Tensor, s0: torch.Tensor, z: torch.Tensor) -> float:
+    """Σ over tokens of KL(softmax(z_ref) || softmax(z)) by the identity in :class:`_Reference`."""
+    d = z - z_ref  # δ [b, L, V]
+    m = d.amax(-1, keepdim=True)  # log Σ p e^δ = m + log Σ p e^(δ-m): no overflow
+    s1 = (p * torch.exp(d - m)).sum(-1, dtype=torch.float64)
+    s2 = (p * d).sum(-1, dtype=torch.float64)
+    return float((m.squeeze(-1).double() + torch.log(s1 / s0) - s2 / s0).sum())
+
+
+def head_kls(head: Head, chunks: Sequence[torch.Tensor], final: Sequence[torch.Tensor], units: Sequence[Unit],
+             quant: _Quantize) -> dict[str, dict[int, float]]:
+    """Per lm_head unit and width, the mean per-token KL of quantizing the head alone.
+
+    The head is quantized with RTN, as ``quantize_`` does outside the decoder layers, and
+    evaluated on the float model's final hidden states ``final`` of the token ids
+    ``chunks``, piece by piece (no [n, L, V] logits are kept).
+    """
+    table: dict[str, dict[int, float]] = {}
+    for u in units:
+        view = unit_weight(head.shell, u)
+        saved = view.detach().clone()
+        check_finite(saved, u.name)
+        cands = {b: _candidates({u.name: saved}, [u], {}, b, quant)[u.name] for b in quant.bits}
+        sums, tokens = dict.fromkeys(quant.bits, 0.0), 0
+        try:
+            for ids_chunk, h_chunk in zip(chunks, final):
+                step = max(1, HEAD_ELEMENTS // (ids_chunk.shape[1] * head.vocab))
+                for ids, h in zip(ids_chunk.split(step), h_chunk.split(step)):
+                    view.copy_(saved)
+                    z_ref = head.logits(ids, h)
+                    p = torch.softmax(z_ref, dim=-1)
+                    s0 = p.sum(-1, dtype=torch.float64)
+                    for b, W in cands.items():
+                        view.copy_(W)
+                        sums[b] += _kl_sum(z_ref, p, s0, head.logits(ids, h))
+                    tokens += ids.numel()
+        finally:
+            view.copy_(saved)
+        table[u.name] = {b: max(0.0, v / tokens) for b, v in sums.items()}
+    return table
+
+
+def check_head(model: nn.Module, units: Sequence[Unit]) -> None:
+    """Raises ValueError when an lm_head unit's weight is tied to the input embedding
+    (``quantize_`` refuses to quantize it, so there is nothing to measure)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for u in units:
+        if u.kind == "lm_head" and emb is not None and model.get_parameter(u.param) is emb.weight:
+            raise ValueError(f"{u.name}: its weight is tied to the input embedding; untie it (or leave lm_head out "
+                             f"of the planned kinds) to measure or quantize it")
 
 
 def _tail(layers: Sequence[nn.Module], start: int, inputs: LayerInputs) -> LayerInputs:
@@ -254,10 +302,10 @@ def _check_args(calibration: torch.Tensor, units: Sequence[Unit], group_sizes: d
     check_token_ids(calibration, model_config)
     if isinstance(kl_windows, bool) or not isinstance(kl_windows, int) or kl_windows < 1:
         raise ValueError(f"kl_windows={kl_windows!r}; allowed: a positive int")
-    bad = [u.name for u in units if u.layer is None or u.kind == "router"]
+    bad = [u.name for u in units if (u.layer is None and u.kind != "lm_head") or u.kind == "router"]
     if bad:
-        raise ValueError(f"KL sensitivities are measured for decoder-layer linears only; got routers or units "
-                         f"outside the layers: {bad[:3]}")
+        raise ValueError(f"KL sensitivities are measured for decoder-layer linears and lm_head only; got routers "
+                         f"or embeddings: {bad[:3]}")
     missing = [u.name for u in units if u.name not in group_sizes]
     if missing:
         raise ValueError(f"group_sizes lacks {len(missing)} units, e.g. {missing[:3]}")
@@ -290,7 +338,8 @@ def kl_sensitivities(
         model: the float model (not changed).
         calibration: int64 [n, L] token windows. GPTQ's Hessians use all of them; the
             KL is measured on the first ``kl_windows``.
-        units: the units to measure (decoder-layer linears, not routers).
+        units: the units to measure: decoder-layer linears (not routers) and an untied
+            lm_head (RTN, as ``quantize_`` quantizes it, on the float model's final hidden states).
         group_sizes: unit name -> group size.
         bits: widths to measure.
         symmetric: quantization symmetry.
@@ -308,11 +357,12 @@ def kl_sensitivities(
         dtype, and the number of units whose GPTQ fell back to RTN).
 
     Raises:
-        ValueError: an unknown quantizer, bad calibration or kl_windows, a router or a
-            unit outside the decoder layers, a unit without a group size, or NaN/Inf
+        ValueError: an unknown quantizer, bad calibration or kl_windows, a router, an
+            embedding or a tied lm_head, a unit without a group size, or NaN/Inf
             weights (naming the unit).
     """
     _check_args(calibration, units, group_sizes, quantizer, kl_windows, model.config)
+    check_head(model, units)
     param = next(model.parameters())
     if compute_dtype is None:
         compute_dtype = default_compute_dtype(param)
@@ -342,6 +392,9 @@ def kl_sensitivities(
         inputs = run_layer(layer, inputs)
         if hess_inputs is not None:
             hess_inputs = run_layer(layer, hess_inputs)
+    heads = mine(todo.get(None, []))  # lm_head: after the float layers, on the final hidden states
+    table |= head_kls(ref.head, chunks, inputs.hidden, heads, quant)
+    bar.update(len(heads) * len(bits))
     bar.close()
     table = gather_dict(table, "KL sensitivities")
     if fallbacks:

@@ -68,7 +68,7 @@ from moe_ao.progress import Progress
 from moe_ao.quant.batched import quantize_units
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, layer_scope, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.sensitivity import Head, _check_args, _local, default_compute_dtype
+from moe_ao.sensitivity import Head, _check_args, _local, _Quantize, check_head, default_compute_dtype, head_kls
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,8 @@ def estimate_kl_sensitivities(
         model: the float model (not changed; may be streamed from its checkpoint).
         calibration: int64 [n, L] token windows. GPTQ's Hessians use all of them; the
             gradients the first ``windows``.
-        units: the units to estimate (decoder-layer linears, not routers).
+        units: the units to estimate: decoder-layer linears (not routers) and an untied lm_head,
+            whose KL is measured exactly instead (RTN, on the windows' final hidden states).
         group_sizes: unit name -> group size.
         bits: widths to estimate.
         symmetric: quantization symmetry.
@@ -238,6 +239,7 @@ def estimate_kl_sensitivities(
             not positive ints.
     """
     _check_args(calibration, units, group_sizes, quantizer, 1, model.config)
+    check_head(model, units)
     for name, v in (("samples", samples), ("windows", 1 if windows is None else windows)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r}; allowed: a positive int")
@@ -273,13 +275,17 @@ def estimate_kl_sensitivities(
         else:
             inputs = run_layer(layer, inputs)
         bar.update()
+    head = Head(model, compute_dtype)
+    quant = _Quantize(tuple(bits), group_sizes, symmetric, scale_dtype)
+    # lm_head is not estimated: its KL is measured exactly, on the estimated windows' final hidden states.
+    head_table = head_kls(head, [calibration[n: n + 1].to(param.device) for n in range(n_win)], inputs.hidden[:n_win],
+                          mine(todo.get(None, [])), quant)
     ids = [calibration[n: n + 1].to(param.device) for n in ours]
-    grads = _head_grads(Head(model, compute_dtype), ids, LayerInputs([inputs.hidden[n] for n in ours], []), samples,
-                        seed, ours)
+    grads = _head_grads(head, ids, LayerInputs([inputs.hidden[n] for n in ours], []), samples, seed, ours)
     del inputs
     # Pass 2: backward, last layer first. Per unit, window and width the squared derivative [n_win, B]:
     # rows of other ranks' windows stay 0, so the gathered sum is exact and summed in window order.
-    acc = {u.name: torch.zeros(n_win, len(bits), dtype=torch.float64) for u in units}
+    acc = {u.name: torch.zeros(n_win, len(bits), dtype=torch.float64) for u in units if u.layer is not None}
     for i in reversed(range(len(layers))):
         if todo.get(i) or i > 0:
             layer = _working_copy(model, i, compute_dtype)
@@ -294,8 +300,9 @@ def estimate_kl_sensitivities(
     bar.close()
     acc = _sum_over_ranks(acc)
     tokens = n_win * calibration.shape[1]
-    table = {u.name: {b: float(v) / (2 * samples * tokens) for b, v in zip(bits, acc[u.name].sum(0))}
-             for u in units}
+    head_table = gather_dict(head_table, "lm_head KLs")
+    table = {u.name: head_table[u.name] if u.layer is None else
+             {b: float(v) / (2 * samples * tokens) for b, v in zip(bits, acc[u.name].sum(0))} for u in units}
     meta = {"estimator": ESTIMATOR, "quantizer": quantizer, "windows": n_win, "samples": samples,
             "tokens": tokens, "seed": seed, "dtype": str(compute_dtype).split(".")[-1], "fallbacks": len(fallbacks)}
     return table, meta

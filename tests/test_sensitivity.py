@@ -13,6 +13,7 @@ from moe_ao.discovery import decoder_layers, unit_weight, units
 from moe_ao.primitives import rtn_quantize
 from moe_ao.quant.gptq import gptq_quantize
 from moe_ao.sensitivity import Head, kl_sensitivities
+from moe_ao.sensitivity_estimate import estimate_kl_sensitivities
 
 SEQ = 16
 
@@ -119,7 +120,7 @@ def test_model_is_unchanged_and_results_are_deterministic():
         ({"quantizer": "awq"}, "quantizer='awq'"),
         ({"kl_windows": 0}, "kl_windows=0"),
         ({"calibration": torch.zeros(2, 4)}, "int64"),
-        ({"router": True}, "decoder-layer linears only"),
+        ({"router": True}, "decoder-layer linears and lm_head only"),
         ({"group_sizes": {}}, "group_sizes lacks 1 units"),
     ],
 )
@@ -145,3 +146,33 @@ def test_head_pieces_give_the_same_kl(monkeypatch):
     pieces, _ = kl_sensitivities(model, ids, picked, sizes, (2,), quantizer="rtn", progress=False)
     for name in whole:
         assert pieces[name][2] == pytest.approx(whole[name][2], rel=1e-12)
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_lm_head_kl_is_its_rtn_alone_and_the_estimate_measures_it(quantizer):
+    """lm_head is priced by the KL of RTN (what quantize_ does outside the layers), with either
+    quantizer for the layers; the estimate measures it exactly on its windows."""
+    model = _f64("mixtral")
+    ids = _calib(model)
+    head = next(u for u in units(model) if u.kind == "lm_head")
+    attn = next(u for u in units(model) if u.kind == "attention")
+    sizes = {head.name: 32, attn.name: 32}
+    table, _ = kl_sensitivities(model, ids, [attn, head], sizes, (2, 4), quantizer=quantizer, progress=False)
+    est, _ = estimate_kl_sensitivities(model, ids, [attn, head], sizes, (2, 4), quantizer=quantizer, progress=False)
+    for b in (2, 4):
+        deq = rtn_quantize(unit_weight(model, head), b, 32, True, torch.float32).dequantize(torch.float64)
+        want = _reference_kl(model, head, deq, ids)
+        assert want > 0
+        assert table[head.name][b] == pytest.approx(want, rel=1e-6), b
+        assert est[head.name][b] == pytest.approx(want, rel=1e-6), b
+    assert table[head.name][2] > table[head.name][4]
+    assert set(est[attn.name]) == {2, 4}
+
+
+def test_a_tied_lm_head_is_refused_by_name():
+    model = archs.build("mixtral")
+    model.lm_head.weight = model.model.embed_tokens.weight
+    head = next(u for u in units(model) if u.kind == "lm_head")
+    for measure in (kl_sensitivities, estimate_kl_sensitivities):
+        with pytest.raises(ValueError, match=f"{head.name}: its weight is tied to the input embedding"):
+            measure(model, _calib(model), [head], {head.name: 32}, (4,), progress=False)

@@ -171,3 +171,27 @@ def test_measured_table_must_match_the_plan(model, profile):
         plan(m, "knapsack", budget_bits=3.0, sensitivity="fisher", group_size=32)
     with pytest.raises(ValueError, match=r"the model has no units of kinds \['router'\] to measure"):
         measure_sensitivities(m, ids, kinds=["router"], progress=False)
+
+
+def test_knapsack_prices_lm_head_like_any_unit(model, profile):
+    """With lm_head in the base, its measured KL competes for the budget, and the plan quantizes it."""
+    import copy
+
+    import moe_ao
+
+    m = model("mixtral")  # an untied head
+    ids = torch.randint(0, m.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    prof = measure_sensitivities(m, ids, profile(m), group_size=32, bits=(2, 4), quantizer="rtn", kl_windows=2,
+                                 kinds=["attention", "expert", "lm_head"], progress=False)
+    head = next(u for u in units(m) if u.kind == "lm_head")
+    assert prof.sensitivities[head.name][2] > prof.sensitivities[head.name][4] > 0
+    base = {"attention": 4, "expert": 2, "lm_head": 4}
+    common = dict(budget_bits=3.0, bits=(2, 4), group_size=32, base=base)
+    measured = plan(m, "knapsack", stats=prof, **common)
+    assert measured[head.name].bits in (2, 4)
+    table = dict(prof.sensitivities)
+    assert plan(m, "knapsack", sensitivities=table | {head.name: {2: 1e3, 4: 0.0}}, **common)[head.name].bits == 4
+    assert plan(m, "knapsack", sensitivities=table | {head.name: {2: 0.0, 4: 0.0}}, **common)[head.name].bits == 2
+    q = copy.deepcopy(m)
+    moe_ao.quantize_(q, measured)
+    assert head.name in moe_ao.quantization_report(q).quantized
