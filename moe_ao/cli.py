@@ -206,7 +206,6 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from moe_ao.calibration import load_calibration
     from moe_ao.distributed import is_writer
     from moe_ao.planner import (
-        PLANNED_KINDS,
         estimate_sensitivities,
         get_strategy,
         heatmap,
@@ -215,6 +214,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         plan,
         summarize,
     )
+    from moe_ao.planner.context import resolve_base
     from moe_ao.profile_stats import Profile
     from moe_ao.profiling import profile
 
@@ -230,17 +230,19 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         model, tok = models.load(args.model)
     if not args.profile and args.strategy in DATA_STRATEGIES:
         sensitivity = sensitivity or "kl"
+        # the planned kinds: the base's (lm_head too when a base mapping names it), or the kinds optimised
+        kinds = params.get("kinds") or [k for k in resolve_base(params.get("base") or spec.base) if k != "router"]
         calib = load_calibration(args.calibration, tok, args.n_samples, args.seq_len, args.seed, model.config)
         stats = profile(model, calib, hessians=spec.optimizer and sensitivity == "hessian", seed=args.seed)
         if spec.optimizer and sensitivity == "estimate" and "sensitivities" not in params:
-            estimate_sensitivities(model, calib, stats, group_size=group, kinds=params.get("kinds") or PLANNED_KINDS)
+            estimate_sensitivities(model, calib, stats, group_size=group, kinds=kinds)
         if spec.optimizer and sensitivity == "kl" and "sensitivities" not in params:
             measure_sensitivities(
                 model,
                 calib,
                 stats,
                 group_size=group,
-                kinds=params.get("kinds") or PLANNED_KINDS,
+                kinds=kinds,
                 kl_windows=args.kl_windows,
             )
     if spec.optimizer and sensitivity and "sensitivities" not in params:

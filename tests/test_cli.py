@@ -90,3 +90,21 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (out / "checkpoint" / "plan.json").is_file() and (out / "checkpoint" / "model.safetensors").is_file()
     # A rerun into the same folder replaces the checkpoint (the report beside it is not in its way).
     assert main(["demo", "--method", "rtn", "--n-samples", "4", "--seq-len", "64", "--out", str(out)]) == 0
+
+
+def test_plan_prices_lm_head_when_the_base_names_it(tmp_path):
+    """An untied copy of tiny-mixtral: the knapsack measures lm_head's KL with the rest and gives it bits."""
+    import json
+
+    model, tok = moe_ao.models.load("tiny-mixtral")
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(tmp_path / "untied")
+    tok.save_pretrained(tmp_path / "untied")
+    base = {"attention": 4, "expert": 2, "lm_head": 4}
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tmp_path / "untied"), "--strategy", "knapsack", "--budget", "3.0",
+                 "--group-size", "32", "--sensitivity", "estimate", "--n-samples", "2", "--seq-len", "32",
+                 "--param", f"base={json.dumps(base)}", "-o", str(plan_file)]) == 0
+    plan = moe_ao.Plan.from_json(str(plan_file))
+    assert plan["lm_head"].bits in (2, 3, 4, 8) and plan.meta["details"]["sensitivity_source"] == "estimate"
