@@ -177,28 +177,36 @@ def head_kls(head: Head, chunks: Sequence[torch.Tensor], final: Sequence[torch.T
     evaluated on the float model's final hidden states ``final`` of the token ids
     ``chunks``, piece by piece (no [n, L, V] logits are kept).
     """
-    table: dict[str, dict[int, float]] = {}
+    tokens = sum(ids.numel() for ids in chunks)
+    return {name: {b: max(0.0, float(v) / tokens) for b, v in zip(quant.bits, sums.sum(0))}
+            for name, sums in head_kl_sums(head, chunks, final, units, quant).items()}
+
+
+def head_kl_sums(head: Head, chunks: Sequence[torch.Tensor], final: Sequence[torch.Tensor], units: Sequence[Unit],
+                 quant: _Quantize) -> dict[str, torch.Tensor]:
+    """:func:`head_kls` before the mean: per unit, the KL summed over each chunk's tokens,
+    float64 [chunks, widths]."""
+    table: dict[str, torch.Tensor] = {}
     for u in units:
         view = unit_weight(head.shell, u)
         saved = view.detach().clone()
         check_finite(saved, u.name)
-        cands = {b: _candidates({u.name: saved}, [u], {}, b, quant)[u.name] for b in quant.bits}
-        sums, tokens = dict.fromkeys(quant.bits, 0.0), 0
+        cands = [_candidates({u.name: saved}, [u], {}, b, quant)[u.name] for b in quant.bits]
+        sums = torch.zeros(len(chunks), len(quant.bits), dtype=torch.float64)
         try:
-            for ids_chunk, h_chunk in zip(chunks, final):
+            for c, (ids_chunk, h_chunk) in enumerate(zip(chunks, final)):
                 step = max(1, HEAD_ELEMENTS // (ids_chunk.shape[1] * head.vocab))
                 for ids, h in zip(ids_chunk.split(step), h_chunk.split(step)):
                     view.copy_(saved)
                     z_ref = head.logits(ids, h)
                     p = torch.softmax(z_ref, dim=-1)
                     s0 = p.sum(-1, dtype=torch.float64)
-                    for b, W in cands.items():
+                    for j, W in enumerate(cands):
                         view.copy_(W)
-                        sums[b] += _kl_sum(z_ref, p, s0, head.logits(ids, h))
-                    tokens += ids.numel()
+                        sums[c, j] += _kl_sum(z_ref, p, s0, head.logits(ids, h))
         finally:
             view.copy_(saved)
-        table[u.name] = {b: max(0.0, v / tokens) for b, v in sums.items()}
+        table[u.name] = sums
     return table
 
 

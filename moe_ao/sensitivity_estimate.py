@@ -38,9 +38,10 @@ What it does not see (where it fails):
   same draw for every width and unit, so ratios between them are steadier;
 - like the measured table it scores each unit alone: summing assumes additive effects.
 
-Distributed: under torch.distributed every rank runs pass 1 on all windows (GPTQ's
-Hessians need them) and the gradients of every world-size-th window; the per-window
-terms are gathered and summed in window order, so the table equals one process's.
+Distributed: under torch.distributed every rank takes the gradients of every
+world-size-th window; the per-window terms are gathered and summed in window order, so
+the table equals one process's. With GPTQ candidates every rank runs pass 1 on all
+windows (the Hessians need them); with RTN candidates only on its own.
 
 Memory: the layer inputs of the estimated windows at every layer (windows x L x d floats
 x layers), each layer's candidates as codes, and one layer's working copy.
@@ -68,7 +69,7 @@ from moe_ao.progress import Progress
 from moe_ao.quant.batched import quantize_units
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, layer_scope, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.sensitivity import Head, _check_args, _local, _Quantize, check_head, default_compute_dtype, head_kls
+from moe_ao.sensitivity import Head, _check_args, _local, _Quantize, check_head, default_compute_dtype, head_kl_sums
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
@@ -258,13 +259,17 @@ def estimate_kl_sensitivities(
             layer_units[u.layer].append(u)
     bar = Progress(2 * len(layers), "KL sensitivity estimate", progress)
     # Pass 1: forward, one window per chunk (the backward needs each window's own weight gradient).
-    inputs = capture_inputs(model, calibration, batch_size=1).to(compute_dtype)
+    # GPTQ's Hessians need every calibration window; RTN candidates only the windows this rank
+    # takes the gradients of (under torch.distributed every world-size-th one).
+    ours = mine(range(n_win))
+    run = list(range(calibration.shape[0])) if quantizer == "gptq" else ours  # the windows pass 1 runs
+    at = {n: j for j, n in enumerate(run)}  # window -> its position in the pass's inputs
+    inputs = capture_inputs(model, calibration[run], batch_size=1).to(compute_dtype)
     stored: list[LayerInputs] = []
     cands: dict[str, dict[int, QuantizedWeight]] = {}
     fallbacks: dict[str, str] = {}
-    ours = mine(range(n_win))  # under torch.distributed each rank takes every world-size-th window's gradients
     for i in range(len(layers)):
-        stored.append(LayerInputs([inputs.hidden[n] for n in ours], [inputs.kwargs[n] for n in ours]))
+        stored.append(LayerInputs([inputs.hidden[at[n]] for n in ours], [inputs.kwargs[at[n]] for n in ours]))
         layer = _working_copy(model, i, compute_dtype)
         lp = f"{prefix}.{i}"
         if todo.get(i):
@@ -276,16 +281,18 @@ def estimate_kl_sensitivities(
             inputs = run_layer(layer, inputs)
         bar.update()
     head = Head(model, compute_dtype)
-    quant = _Quantize(tuple(bits), group_sizes, symmetric, scale_dtype)
-    # lm_head is not estimated: its KL is measured exactly, on the estimated windows' final hidden states.
-    head_table = head_kls(head, [calibration[n: n + 1].to(param.device) for n in range(n_win)], inputs.hidden[:n_win],
-                          mine(todo.get(None, [])), quant)
     ids = [calibration[n: n + 1].to(param.device) for n in ours]
-    grads = _head_grads(head, ids, LayerInputs([inputs.hidden[n] for n in ours], []), samples, seed, ours)
-    del inputs
-    # Pass 2: backward, last layer first. Per unit, window and width the squared derivative [n_win, B]:
-    # rows of other ranks' windows stay 0, so the gathered sum is exact and summed in window order.
-    acc = {u.name: torch.zeros(n_win, len(bits), dtype=torch.float64) for u in units if u.layer is not None}
+    final = [inputs.hidden[at[n]] for n in ours]
+    # Per unit, window and width [n_win, B]: rows of other ranks' windows stay 0, so the gathered
+    # sum is exact and summed in window order. lm_head is not estimated: its KL is measured exactly
+    # (summed per window) on the final hidden states.
+    acc = {u.name: torch.zeros(n_win, len(bits), dtype=torch.float64) for u in units}
+    quant = _Quantize(tuple(bits), group_sizes, symmetric, scale_dtype)
+    for name, sums in head_kl_sums(head, ids, final, todo.get(None, []), quant).items():
+        acc[name][ours] = sums
+    grads = _head_grads(head, ids, LayerInputs(final, []), samples, seed, ours)
+    del inputs, final
+    # Pass 2: backward, last layer first: the squared derivatives.
     for i in reversed(range(len(layers))):
         if todo.get(i) or i > 0:
             layer = _working_copy(model, i, compute_dtype)
@@ -300,9 +307,8 @@ def estimate_kl_sensitivities(
     bar.close()
     acc = _sum_over_ranks(acc)
     tokens = n_win * calibration.shape[1]
-    head_table = gather_dict(head_table, "lm_head KLs")
-    table = {u.name: head_table[u.name] if u.layer is None else
-             {b: float(v) / (2 * samples * tokens) for b, v in zip(bits, acc[u.name].sum(0))} for u in units}
+    table = {u.name: {b: max(0.0, float(v)) / (tokens if u.layer is None else 2 * samples * tokens)
+                      for b, v in zip(bits, acc[u.name].sum(0))} for u in units}
     meta = {"estimator": ESTIMATOR, "quantizer": quantizer, "windows": n_win, "samples": samples,
             "tokens": tokens, "seed": seed, "dtype": str(compute_dtype).split(".")[-1], "fallbacks": len(fallbacks)}
     return table, meta

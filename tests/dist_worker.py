@@ -44,15 +44,18 @@ def equal(out: pathlib.Path) -> None:
     torch.manual_seed(0)
     model = archs.build("mixtral")
     ids = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
-    planned = [u for u in units(model) if u.kind in ("attention", "expert")]
-    table, _ = kl_sensitivities(model, ids, planned, {u.name: 32 for u in planned}, (2, 4), kl_windows=4,
-                                batch_size=4, progress=False)
-    estimate, _ = estimate_kl_sensitivities(model, ids, planned, {u.name: 32 for u in planned}, (2, 4),
-                                            progress=False)
+    measured = [u for u in units(model) if u.kind in ("attention", "expert", "lm_head")]
+    sizes = {u.name: 32 for u in measured}
+    table, _ = kl_sensitivities(model, ids, measured, sizes, (2, 4), kl_windows=4, batch_size=4, progress=False)
+    estimate, _ = estimate_kl_sensitivities(model, ids, measured, sizes, (2, 4), progress=False)
+    # RTN candidates: each rank's pass 1 runs its own windows only
+    estimate_rtn, _ = estimate_kl_sensitivities(model, ids, measured, sizes, (2, 4), quantizer="rtn", progress=False)
+    planned = [u for u in measured if u.kind != "lm_head"]
     plan = moe_ao.Plan({u.name: (2 if u.kind == "expert" else 4) for u in planned}, group_size=32)
     moe_ao.quantize_(model, plan, method="gptq", calibration=ids, progress=False)
     if distributed.is_writer():
-        torch.save({"table": table, "estimate": estimate, "tensors": packed_tensors(model),
+        torch.save({"table": table, "estimate": estimate, "estimate_rtn": estimate_rtn,
+                    "tensors": packed_tensors(model),
                     "world": distributed.world()[1]}, out)
 
 
@@ -138,4 +141,5 @@ def die(out: pathlib.Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     distributed.init_from_env()
-    {"equal": equal, "split": split, "stream": stream, "profile": profile, "die": die}[sys.argv[1]](pathlib.Path(sys.argv[2]))
+    modes = {"equal": equal, "split": split, "stream": stream, "profile": profile, "die": die}
+    modes[sys.argv[1]](pathlib.Path(sys.argv[2]))

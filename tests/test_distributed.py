@@ -57,6 +57,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert (a["world"], b["world"]) == (1, 2)
     assert a["table"] == b["table"]  # every KL bit for bit
     assert a["estimate"] == b["estimate"]  # windows split over the ranks, summed in window order
+    assert a["estimate_rtn"] == b["estimate_rtn"]  # the forward pass split too
+    assert a["table"]["lm_head"] and a["estimate_rtn"]["lm_head"] == a["estimate"]["lm_head"]
     assert a["tensors"].keys() == b["tensors"].keys()
     packed = [k for k in a["tensors"] if "experts" in k or "self_attn" in k]
     assert packed
