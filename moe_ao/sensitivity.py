@@ -61,7 +61,7 @@ from moe_ao.unit import Unit
 logger = logging.getLogger(__name__)
 
 QUANTIZERS = tuple(m.value for m in Method)
-HEAD_ELEMENTS = 2**21  # logits per head evaluation (8 MB of float32): see _Reference._pieces
+HEAD_ELEMENTS = 2**21  # logits per head evaluation (8 MB of float32): see _pieces
 
 
 class _Feed(nn.Module):
@@ -136,7 +136,7 @@ class _Reference:
         self.logits: list[torch.Tensor] = []  # per piece z_ref [b, L, V]
         self.probs: list[torch.Tensor] = []  # per piece p [b, L, V]
         self.mass: list[torch.Tensor] = []  # per piece s0 = Σ_v p [b, L], float64
-        for ids, h in self._pieces(final):
+        for ids, h in _pieces(self.chunks, final.hidden, self.head.vocab):
             z = head.logits(ids, h)
             p = torch.softmax(z, dim=-1)
             self.logits.append(z)
@@ -144,20 +144,23 @@ class _Reference:
             self.mass.append(p.sum(-1, dtype=torch.float64))
         self.tokens = sum(ids.numel() for ids in chunks)
 
-    def _pieces(self, final: LayerInputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(ids, hidden) in pieces of about HEAD_ELEMENTS logits: the [b, L, V] temporaries of a
-        whole chunk would exceed malloc's mmap threshold and fault in fresh pages on every
-        measurement (measured on tiny-mixtral: 70% of the time in the kernel, 1.7x slower)."""
-        for ids, h in zip(self.chunks, final.hidden):
-            step = max(1, HEAD_ELEMENTS // (ids.shape[1] * self.head.vocab))
-            yield from zip(ids.split(step), h.split(step))
-
     def kl(self, final: LayerInputs) -> float:
         """Mean per-token KL(float || model whose last hidden states are ``final``), >= 0."""
         total = 0.0
-        for z_ref, p, s0, (ids, h) in zip(self.logits, self.probs, self.mass, self._pieces(final)):
+        pieces = _pieces(self.chunks, final.hidden, self.head.vocab)
+        for z_ref, p, s0, (ids, h) in zip(self.logits, self.probs, self.mass, pieces):
             total += _kl_sum(z_ref, p, s0, self.head.logits(ids, h))
         return max(0.0, total / self.tokens)  # float64 rounding can leave an ~0 KL a hair below zero
+
+
+def _pieces(chunks: Sequence[torch.Tensor], hidden: Sequence[torch.Tensor],
+            vocab: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, hidden) in pieces of about HEAD_ELEMENTS logits: the [b, L, V] temporaries of a
+    whole chunk would exceed malloc's mmap threshold and fault in fresh pages on every
+    measurement (measured on tiny-mixtral: 70% of the time in the kernel, 1.7x slower)."""
+    for ids, h in zip(chunks, hidden):
+        step = max(1, HEAD_ELEMENTS // (ids.shape[1] * vocab))
+        yield from zip(ids.split(step), h.split(step))
 
 
 def _kl_sum(z_ref: torch.Tensor, p: torch.Tensor, s0: torch.Tensor, z: torch.Tensor) -> float:
@@ -195,8 +198,7 @@ def head_kl_sums(head: Head, chunks: Sequence[torch.Tensor], final: Sequence[tor
         sums = torch.zeros(len(chunks), len(quant.bits), dtype=torch.float64)
         try:
             for c, (ids_chunk, h_chunk) in enumerate(zip(chunks, final)):
-                step = max(1, HEAD_ELEMENTS // (ids_chunk.shape[1] * head.vocab))
-                for ids, h in zip(ids_chunk.split(step), h_chunk.split(step)):
+                for ids, h in _pieces([ids_chunk], [h_chunk], head.vocab):
                     view.copy_(saved)
                     z_ref = head.logits(ids, h)
                     p = torch.softmax(z_ref, dim=-1)
