@@ -40,6 +40,20 @@ def packed_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def count_batches(module) -> list[int]:
+    """Wraps ``module.run_layer`` to count the calibration batches this rank pushes through layers;
+    the count is the returned list's one item."""
+    batches = [0]
+    run_layer = module.run_layer
+
+    def counting(layer, inputs):
+        batches[0] += len(inputs.hidden)
+        return run_layer(layer, inputs)
+
+    module.run_layer = counting
+    return batches
+
+
 def equal(out: pathlib.Path) -> None:
     torch.manual_seed(0)
     model = archs.build("mixtral")
@@ -65,14 +79,7 @@ def split(out: pathlib.Path) -> None:
     torch.manual_seed(0)
     model = archs.build("mixtral")
     ids = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
-    batches = [0]
-    run_layer = gptq_driver.run_layer
-
-    def counting(layer, inputs):  # the calibration batches this rank pushes through a layer
-        batches[0] += len(inputs.hidden)
-        return run_layer(layer, inputs)
-
-    gptq_driver.run_layer = counting
+    batches = count_batches(gptq_driver)
     hessians = {}
     quantize_phase = gptq_driver._quantize_phase
 
@@ -113,14 +120,7 @@ def profile(out: pathlib.Path) -> None:
     torch.manual_seed(0)
     model = archs.build("qwen2_moe")  # a dense layer, a shared expert and routed experts
     ids = torch.randint(0, model.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
-    batches = [0]
-    run_layer = profiling.run_layer
-
-    def counting(layer, inputs):
-        batches[0] += len(inputs.hidden)
-        return run_layer(layer, inputs)
-
-    profiling.run_layer = counting
+    batches = count_batches(profiling)
     # 4 batches, the last one short, and 24 of the 112 tokens sampled for the block predictor
     prof = profiling.profile(model, ids, hessians=True, batch_size=2, max_block_tokens=24, progress=False)
     torch.save({"profile": prof, "batches": batches[0], "world": distributed.world()[1]},

@@ -48,6 +48,16 @@ def _wait(procs: list[subprocess.Popen], limit: float) -> list[tuple[int, str]]:
     return out
 
 
+def _one_and_two_ranks(mode: str, tmp_path: pathlib.Path) -> tuple[dict, dict, dict]:
+    """Runs ``mode`` on 1 rank, then on 2; returns what the 1 rank and each of the 2 ranks saved."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for rc, text in _wait(_launch(mode, one, 1), 600) + _wait(_launch(mode, two, 2), 600):
+        assert rc == 0, text[-3000:]
+    a = torch.load(f"{one}.0.pt", weights_only=False)
+    b0, b1 = (torch.load(f"{two}.{r}.pt", weights_only=False) for r in (0, 1))
+    return a, b0, b1
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
@@ -72,11 +82,7 @@ def test_split_calibration_sums_the_statistics_of_half_the_batches(tmp_path):
     Hessians, token and routing counts are summed over the ranks: layer 0's statistics equal one
     process's up to float32 summation order. GPTQ's error feedback turns a rare different rounding
     into different later codes, so the codes are another GPTQ solution of the same quality."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    for rc, text in _wait(_launch("split", one, 1), 600) + _wait(_launch("split", two, 2), 600):
-        assert rc == 0, text[-3000:]
-    a = torch.load(f"{one}.0.pt", weights_only=False)
-    b0, b1 = (torch.load(f"{two}.{r}.pt", weights_only=False) for r in (0, 1))
+    a, b0, b1 = _one_and_two_ranks("split", tmp_path)
     assert (a["world"], b0["world"]) == (1, 2)
     assert b0["batches"] == b1["batches"] == a["batches"] // 2  # the forwards are divided
     assert a["routing"][0] == b0["routing"][0] == b1["routing"][0]
@@ -98,11 +104,7 @@ def test_split_calibration_sums_the_statistics_of_half_the_batches(tmp_path):
 def test_profile_splits_its_batches_and_equals_one_process(tmp_path):
     """Each of 2 ranks profiles half the calibration batches; routing counts, router entropy and the
     block predictor's sampled rows equal one process's bit for bit, Hessians up to summation order."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    for rc, text in _wait(_launch("profile", one, 1), 600) + _wait(_launch("profile", two, 2), 600):
-        assert rc == 0, text[-3000:]
-    a = torch.load(f"{one}.0.pt", weights_only=False)
-    b0, b1 = (torch.load(f"{two}.{r}.pt", weights_only=False) for r in (0, 1))
+    a, b0, b1 = _one_and_two_ranks("profile", tmp_path)
     assert (a["world"], b0["world"]) == (1, 2)
     assert a["batches"] == 2 * b0["batches"] == 2 * b1["batches"]  # 4 batches per layer, 2 per rank
     pa, pb = a["profile"], b0["profile"]
