@@ -143,8 +143,8 @@ def int16_path(bits: int, group_size: int) -> bool:
     """Whether the built kernel takes its integer path for bf16/fp16 x at ``bits`` and
     ``group_size``: x is then rounded to 16-bit fixed point per group (at most 2^-16 of the
     group's max |x|, below a 16-bit x's own precision; see ``csrc/packed_gemv_int16.h``).
-    True on AVX2 CPUs without AVX-512 for 2, 3, 4 and 8 bits at groups of 64 and 128; fp32 x
-    always gets exact fp32 arithmetic.
+    True on AVX2 CPUs without AVX-512 for 2, 3, 4 and 8 bits at groups of 32 (for rows of a
+    multiple of 64 weights), 64 and 128; fp32 x always gets exact fp32 arithmetic.
 
     Args:
         bits: code width of a slice (16: a float slice).
@@ -162,7 +162,7 @@ def int16_path(bits: int, group_size: int) -> bool:
 def int8_path(bits: int, group_size: int) -> bool:
     """Whether the built kernel multiplies ``bits``-bit codes with int8 activations in
     vpmaddubsw (W+A8 weights, act_bits = 8): on AVX2 builds for 2, 3 and 4 bits at group
-    sizes that are multiples of 64; elsewhere W+A8 rounds x to int8 the same way and
+    sizes of 32 (for rows of a multiple of 64 weights) and multiples of 64; elsewhere W+A8 rounds x to int8 the same way and
     multiplies in fp32 (or, at 8 bits, on the int16 path).
 
     Raises:

@@ -29,6 +29,7 @@ int g_gemm_rows_override = 0;  // > 0: every slice with at least this many rows 
 // The integer GEMV passes that serve a slice of `bits` for this call: 8 (int8 x), 16 (int16 x) or 0 (none).
 int integer_path(const Problem& P, int bits, bool x_16bit) {
 #ifdef MOE_AO_INT16
+  if (P.gs == Q_HALF && P.K % Q_CHUNK != 0) return 0;  // group size 32 reads whole 64-code chunks
   if (P.act_bits == 8 && int8_path(bits, P.gs)) return 8;
   if ((P.act_bits == 8 || x_16bit) && int16_path(bits, P.gs)) return 16;
 #else

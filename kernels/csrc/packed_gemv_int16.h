@@ -14,8 +14,9 @@
 // group's largest |x|, is 2^7 times finer than the bf16 activations of a bf16 model.
 //
 // Used for bf16/fp16 x at 2, 3, 4 and 8 bits with group sizes 64 and 128 (multiples of a
-// 64-code chunk, so chunks never straddle groups; see Q_MAX_GROUP); fp32 x and other group
-// sizes take the exact fp32 path.
+// 64-code chunk, so chunks never straddle groups; see Q_MAX_GROUP) and 32 (llama.cpp's
+// block: a chunk holds two groups, whose products land in known lanes, see Split); fp32 x
+// and other group sizes take the exact fp32 path.
 
 #include <immintrin.h>
 
@@ -24,7 +25,14 @@ constexpr int Q_CHUNK = 64;
 // and lane 0 also takes -z Σ xi (|.| <= 255 * 128 * 32767 = 1.07e9): both stay below 2^31.
 constexpr int64_t Q_MAX_GROUP = 128;
 
-bool int16_path(int bits, int64_t gs) { return bits != 16 && gs % Q_CHUNK == 0 && gs <= Q_MAX_GROUP; }
+constexpr int64_t Q_HALF = Q_CHUNK / 2;  // group size 32: two groups per chunk (rows of K % 64 == 0)
+
+bool int16_path(int bits, int64_t gs) { return bits != 16 && (gs == Q_HALF || (gs % Q_CHUNK == 0 && gs <= Q_MAX_GROUP)); }
+
+// Where a chunk's int32 lane sums put its two groups at group size 32: HALVES, lanes 0-3
+// the first group and 4-7 the second; PAIRS, lanes 0, 1, 4, 5 and 2, 3, 6, 7 (what
+// _mm256_hadd_epi32 of one vector per group gives). Each kernel's code order fixes one.
+enum class Split { HALVES, PAIRS };
 
 // The code (0..63 within its chunk) that word b of vector e holds after extract<bits>.
 int code_of(int bits, int e, int b) {
@@ -107,22 +115,49 @@ inline float hsum256(__m256 v) {
 }
 
 // dots[t] = Σ_g s_g xscale(t, g) Σ_{k in g} (q_k - z_g) xi_tk for one packed row: the loop
-// the integer paths share. chunk(p, c, part) adds Σ q xi of chunk c (codes at p) to part[t]
-// per lane; z_g = zrow[g], or zsym when zrow is null. The integer part of each group is
-// exact per lane (lane 0 also carries -z_g Σ xi), then converted and scaled in fp32.
-template <int MT, int64_t CHUNK_BYTES, class XScale, class Chunk>
+// the integer paths share. chunk(p, c, part, two) adds Σ q xi of chunk c (codes at p) to
+// part[t] per lane; z_g = zrow[g], or zsym when zrow is null. The integer part of each group
+// is exact per lane (one lane of the group also carries -z_g Σ xi), then converted and
+// scaled in fp32. At group size 32 (two = true) each chunk holds groups 2c and 2c+1, in
+// the lanes SPLIT says, and is scaled on its own.
+template <int MT, int64_t CHUNK_BYTES, Split SPLIT, class XScale, class Chunk>
 inline void integer_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow,
                         int32_t zsym, const int32_t* const* isum, XScale&& xscale, Chunk&& chunk, float* dots) {
   __m256 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+  auto prefetch = [&](int64_t c) {
+    if (CHUNK_BYTES >= 64 || c % (64 / CHUNK_BYTES) == 0)  // once per 64-byte line
+      __builtin_prefetch(q + c * CHUNK_BYTES + PREFETCH_BYTES, 0, 3);
+  };
+  if (gs == Q_HALF) {
+    for (int64_t c = 0; c < G / 2; ++c) {
+      __m256i part[MT];
+      for (int t = 0; t < MT; ++t) part[t] = _mm256_setzero_si256();
+      prefetch(c);
+      chunk(q + c * CHUNK_BYTES, c, part, std::true_type{});
+      const int64_t ga = 2 * c, gb = 2 * c + 1;
+      const int32_t za = zrow ? int32_t(zrow[ga]) : zsym, zb = zrow ? int32_t(zrow[gb]) : zsym;
+      for (int t = 0; t < MT; ++t) {
+        const int32_t ia = za * isum[t][ga], ib = zb * isum[t][gb];
+        const float sa = srow[ga] * xscale(t, ga), sb = srow[gb] * xscale(t, gb);
+        const __m256i zterm = SPLIT == Split::HALVES ? _mm256_setr_epi32(ia, 0, 0, 0, ib, 0, 0, 0)
+                                                     : _mm256_setr_epi32(ia, 0, ib, 0, 0, 0, 0, 0);
+        const __m256 scale = SPLIT == Split::HALVES ? _mm256_setr_ps(sa, sa, sa, sa, sb, sb, sb, sb)
+                                                    : _mm256_setr_ps(sa, sa, sb, sb, sa, sa, sb, sb);
+        const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(part[t], zterm));
+        acc[t] = _mm256_fmadd_ps(exact, scale, acc[t]);
+      }
+    }
+    for (int t = 0; t < MT; ++t) dots[t] = hsum256(acc[t]);
+    return;
+  }
   const int64_t chunks = gs / Q_CHUNK;
   for (int64_t g = 0; g < G; ++g) {
     __m256i part[MT];
     for (int t = 0; t < MT; ++t) part[t] = _mm256_setzero_si256();
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
-      if (CHUNK_BYTES >= 64 || c % (64 / CHUNK_BYTES) == 0)  // once per 64-byte line
-        __builtin_prefetch(q + c * CHUNK_BYTES + PREFETCH_BYTES, 0, 3);
-      chunk(q + c * CHUNK_BYTES, c, part);
+      prefetch(c);
+      chunk(q + c * CHUNK_BYTES, c, part, std::false_type{});
     }
     const int32_t z = zrow ? int32_t(zrow[g]) : zsym;
     for (int t = 0; t < MT; ++t) {
@@ -135,11 +170,15 @@ inline void integer_row(const uint8_t* q, int64_t G, int64_t gs, const float* sr
 }
 
 // dots[t] = Σ_g s_g xs_tg Σ_{k in g} (q_k - z_g) xi_tk for one packed row, xi int16 in madd order.
+// Lane l of a madd holds codes 8l..8l+7 of the chunk at 2 and 3 bits (HALVES at group size
+// 32); at 4 and 8 bits vectors 0-1 hold codes 0-31 and 2-3 codes 32-63, so two groups are
+// kept apart by a horizontal add (PAIRS).
 template <int BITS, int MT>
 void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
                const int16_t* const* xq, const float* const* xs, const int32_t* const* isum, float* dots) {
-  integer_row<MT, 8 * BITS>(q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t g) { return xs[t][g]; },
-                            [&](const uint8_t* p, int64_t c, __m256i (&part)[MT]) {
+  constexpr Split SPLIT = BITS <= 3 ? Split::HALVES : Split::PAIRS;
+  integer_row<MT, 8 * BITS, SPLIT>(q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t g) { return xs[t][g]; },
+                                   [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto two) {
     __m256i codes[4];
     extract<BITS>(p, codes);
     for (int t = 0; t < MT; ++t) {
@@ -148,7 +187,10 @@ void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const
                                          _mm256_madd_epi16(codes[1], _mm256_load_si256(x + 1)));
       const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(codes[2], _mm256_load_si256(x + 2)),
                                          _mm256_madd_epi16(codes[3], _mm256_load_si256(x + 3)));
-      part[t] = _mm256_add_epi32(part[t], _mm256_add_epi32(a, b));
+      if constexpr (decltype(two)::value && SPLIT == Split::PAIRS)
+        part[t] = _mm256_add_epi32(part[t], _mm256_hadd_epi32(a, b));
+      else
+        part[t] = _mm256_add_epi32(part[t], _mm256_add_epi32(a, b));
     }
   }, dots);
 }

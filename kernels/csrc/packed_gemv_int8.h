@@ -13,7 +13,7 @@
 // the int16 path with xi as int16 and xs as every group's scale. Sums are exact per group,
 // as in the int16 path; y = xs * sum_g s_g (sum q xi - z_g sum xi).
 
-bool int8_path(int bits, int64_t gs) { return bits >= 2 && bits <= 4 && gs % Q_CHUNK == 0; }
+bool int8_path(int bits, int64_t gs) { return bits >= 2 && bits <= 4 && (gs == Q_HALF || gs % Q_CHUNK == 0); }
 
 // The code (0..63 within its chunk) that byte b of vector e holds after extract8<bits>.
 int code_of8(int bits, int e, int b) {
@@ -61,12 +61,16 @@ template <int BITS> inline void extract8(const uint8_t* p, __m256i (&c)[2]) {
 }
 
 // dots[t] = xs_t Σ_g s_g Σ_{k in g} (q_k - z_g) xi_tk for one packed row, xi int8 in maddubs order.
+// int32 lane l sums bytes 4l..4l+3 of both vectors: codes 8l..8l+7 at 3 and 4 bits (HALVES
+// at group size 32); at 2 bits bytes 0-7 and 16-23 hold codes 0-31, so lanes 0, 1, 4, 5
+// (PAIRS).
 template <int BITS, int MT>
 void int8_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
               const int8_t* const* xq, const float* xs, const int32_t* const* isum, float* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
-  integer_row<MT, 8 * BITS>(q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t) { return xs[t]; },
-                            [&](const uint8_t* p, int64_t c, __m256i (&part)[MT]) {
+  constexpr Split SPLIT = BITS == 2 ? Split::PAIRS : Split::HALVES;
+  integer_row<MT, 8 * BITS, SPLIT>(q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t) { return xs[t]; },
+                                   [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto) {
     __m256i codes[2];
     extract8<BITS>(p, codes);
     for (int t = 0; t < MT; ++t) {

@@ -45,6 +45,28 @@ def test_packed_linear_vs_float64(bits, group_size, symmetric, dtype):
         assert_matches(packed_linear(x, w), x, W, mag, group_size=group_size)
 
 
+@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_group_32_rows_not_whole_chunks(bits, act_bits):
+    """Group size 32 takes the integer paths only for rows of whole 64-code chunks: a row of
+    96 codes (3 groups) falls back to the fp32 path, still matching float64, and a row of 160
+    beside it in the same call (5 groups: two chunks and a half) too."""
+    g = torch.Generator().manual_seed(bits + (act_bits or 0))
+    for K in (96, 160):
+        s = random_slice(12, K, bits, 32, False, torch.bfloat16, g)
+        w = PackedWeight.from_slices([s], (12, K), 1, torch.bfloat16, act_bits=act_bits)
+        W, mag = dequant64(s)
+        x = torch.randn(5, K, generator=g).to(torch.bfloat16)
+        if act_bits:
+            amax = x.float().abs().amax(-1, keepdim=True)
+            x64 = torch.round(x.float() / (amax / 127)).clamp(-127, 127).double() * (amax / 127).double()
+            ref, bound = x64 @ W.T, x64.abs() @ mag.T
+            err = (packed_linear(x, w).double() - ref).abs()
+            assert (err <= 1e-5 * bound + 2.0**-8 * ref.abs() + 1e-30).all()
+        else:
+            assert_matches(packed_linear(x, w), x, W, mag, group_size=32)
+
+
 @pytest.mark.parametrize(
     "bits, K, group_size",
     [(2, 144, 48), (3, 144, 24), (4, 144, 24), (8, 144, 24), (8, 60, 12), (4, 40, 4)],
@@ -78,14 +100,17 @@ def test_packed_experts_linear_vs_float64(n_seg, symmetric, dtype):
 
 
 def test_integer_path_where_the_cpu_has_avx2_only():
-    """The integer path (x rounded to int16 per group) serves 2/3/4/8 bits at groups of 64 and
-    128 on AVX2 machines without AVX-512, such as the CI machine; elsewhere the fp32 path."""
+    """The integer path (x rounded to int16 per group) serves 2/3/4/8 bits at groups of 32, 64
+    and 128 on AVX2 machines without AVX-512, such as the CI machine; elsewhere the fp32 path."""
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     avx2_only = "avx2" in flags and "avx512f" not in flags
-    for bits, gs in [(2, 64), (3, 64), (3, 128), (4, 128), (8, 64)]:
+    for bits, gs in [(2, 32), (2, 64), (3, 32), (3, 64), (3, 128), (4, 32), (4, 128), (8, 32), (8, 64)]:
         assert cpu_packed.int16_path(bits, gs) == avx2_only
-    assert not any(cpu_packed.int16_path(b, gs) for b, gs in [(3, 32), (4, 32), (4, 256), (16, 64)])
+    for bits, gs in [(2, 32), (3, 32), (4, 32), (4, 64)]:
+        assert cpu_packed.int8_path(bits, gs) == avx2_only
+    assert not any(cpu_packed.int16_path(b, gs) for b, gs in [(3, 16), (4, 96), (4, 256), (16, 64)])
+    assert not cpu_packed.int8_path(8, 32)
 
 
 @pytest.mark.parametrize("rows, gemm_rows", [(4, 0), (90, 1)], ids=["gemv", "gemm"])
@@ -155,12 +180,12 @@ def test_kernel_for_prefill_reference_for_autograd():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_output_is_the_fp32_result_rounded_as_torch_rounds(dtype):
-    """The kernel takes x and writes y in x's dtype. Where it computes in fp32 (group 32 and
+    """The kernel takes x and writes y in x's dtype. Where it computes in fp32 (group 16 and
     16-bit slices: no integer path), a 16-bit x gives exactly its fp32 result rounded to
     nearest even, the way ``Tensor.to`` rounds."""
     g = torch.Generator().manual_seed(3)
     K = 128
-    slices = [random_slice(24, K, b, 32, False, dtype, g) for b in (3, 16, 3)]
+    slices = [random_slice(24, K, b, 16, False, dtype, g) for b in (3, 16, 3)]
     w = PackedWeight.from_slices(slices, (3, 24, K), 1, dtype)
     x, ids = (torch.randn(5, K, generator=g) * 40).to(dtype), torch.tensor([0, 1, 2, 1, 0])
     y = packed_experts_linear(x, w, ids)

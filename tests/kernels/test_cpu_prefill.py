@@ -125,7 +125,7 @@ def int8_rounded(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("path", list(FORCE))
-@pytest.mark.parametrize("gs", [64, 128])
+@pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_int8_activations_vs_float64(bits, symmetric, gs, path):
@@ -159,8 +159,8 @@ def test_int8_path_where_the_cpu_has_avx2_only():
 
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     avx2_only = "avx2" in flags and "avx512f" not in flags
-    assert all(cpu_packed.int8_path(b, gs) == avx2_only for b in (2, 3, 4) for gs in (64, 128, 256))
-    assert not any(cpu_packed.int8_path(b, gs) for b, gs in [(8, 64), (4, 32), (16, 64)])
+    assert all(cpu_packed.int8_path(b, gs) == avx2_only for b in (2, 3, 4) for gs in (32, 64, 128, 256))
+    assert not any(cpu_packed.int8_path(b, gs) for b, gs in [(8, 64), (4, 16), (4, 96), (16, 64)])
 
 
 def test_act_bits_rejects_other_widths():
