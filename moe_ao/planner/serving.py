@@ -11,7 +11,9 @@ moe_ao stores a width per expert and per gate/up half; engines store less:
 - **llama.cpp** (GGUF): one ggml type per tensor, and ``ffn_{gate,up,down}_exps`` are
   one 3D tensor per layer, so a layer's experts share a type per projection; 4/8-bit
   symmetric codes map exactly onto Q4_0/Q8_0 (blocks of 32, so group sizes must be
-  multiples of 32); 2/3-bit go through Q2_K/Q3_K (a requantization).
+  multiples of 32); 2/3-bit go through Q2_K/Q3_K (a requantization). Its output head
+  (``output.weight``) may be quantized like any linear (llama.cpp's own quantizers store it
+  as Q6_K); vLLM keeps it in float.
 
 Units a constraint ties together must share one spec (bits, group size, symmetry);
 :func:`check_plan` refuses a plan that breaks this, naming the layer, and the planner
@@ -60,6 +62,7 @@ class ServingTarget:
         symmetric_only: asymmetric codes are refused.
         tie: unit -> key; units with the same key must share one spec (None: free).
         engine: a one-line description for messages.
+        float_kinds: unit kinds the engine keeps in float.
     """
 
     name: str
@@ -70,6 +73,7 @@ class ServingTarget:
     symmetric_only: bool
     tie: Callable[[Unit], str | None]
     engine: str
+    float_kinds: tuple[str, ...] = ("router", "embedding", "lm_head")
 
     def widths(self, unit: Unit) -> tuple[int, ...]:
         """Quantized widths allowed for ``unit``."""
@@ -90,7 +94,7 @@ TARGETS: dict[str, ServingTarget] = {t.name: t for t in (
     ServingTarget("vllm-humming", (2, 3, 4, 8), (4, 8), (32, 64, 128), 32, True, _vllm_tie,
                   "vLLM with --moe-backend humming (2/3-bit MoE)"),
     ServingTarget("llama.cpp", (2, 3, 4, 8), (2, 3, 4, 8), None, 32, True, _llama_cpp_tie,
-                  "llama.cpp (GGUF: Q2_K/Q3_K/Q4_0/Q8_0, one type per tensor)"),
+                  "llama.cpp (GGUF: Q2_K/Q3_K/Q4_0/Q8_0, one type per tensor)", ("router", "embedding")),
 )}
 
 
@@ -136,7 +140,7 @@ def check_plan(plan: Plan, units: Iterable[Unit], target: ServingTarget) -> None
     planned = [u for u in units if u.name in plan and plan[u.name].quantized]
     for u in planned:
         spec = plan[u.name]
-        if u.kind in ("router", "embedding", "lm_head"):
+        if u.kind in target.float_kinds:
             raise ValueError(f"{u.name}: {target.engine} keeps {u.kind}s unquantized; plan it at {FLOAT_BITS} bits")
         if spec.bits not in target.widths(u):
             raise ValueError(f"{u.name}: {spec.bits}-bit {u.kind} is not supported by {target.engine};"

@@ -108,6 +108,20 @@ def test_q4_0_q8_0_read_back_equal_moe_ao_weights(bits, group_size, tmp_path):
         torch.testing.assert_close(got, c.dequantize().float(), rtol=2**-8, atol=0)  # moe_ao rounds w to bf16
 
 
+def test_quantized_head_is_the_output_tensor(tmp_path):
+    """A 4-bit lm_head is written as a Q4_0 output.weight holding moe_ao's codes; the tied-free
+    head of these models is the one a plan may quantize."""
+    model, tok = tiny("olmoe")
+    plan = llama_plan(model, 4, 4)
+    head = next(u for u in moe_ao.units(model) if u.kind == "lm_head")
+    moe_ao.quantize_(model, Plan({**{n: plan[n].bits for n in plan}, head.name: 4}, group_size=32))
+    _, tensors = read(export(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok))
+    assert tensors["output.weight"].tensor_type.name == "Q4_0"
+    c = unit_codes(model, head)
+    fp16_scales = c.__class__(**{**c.__dict__, "scale": c.scale.to(torch.float16).float()})
+    assert torch.equal(dequantized(tensors["output.weight"]), fp16_scales.dequantize().float())
+
+
 def test_k_quants_where_rows_allow_and_q4_0_where_not(tmp_path):
     model, tok = tiny("olmoe")  # hidden 64: no row is a multiple of 256
     moe_ao.quantize_(model, llama_plan(model, 2, 3))
