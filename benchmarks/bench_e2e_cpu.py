@@ -17,7 +17,8 @@ group 32, symmetric, so that llama.cpp's formats hold the same codes:
 ``--head-bits`` (default 4) quantizes the output head too, as llama.cpp's quantizers do
 (Q4_0 here: the same codes; 16 keeps it bf16 in every engine). Every run is a fresh
 process with 2 threads: load, then a 512-token prompt (one forward, batch B) and 64
-greedy decode steps, after a warm-up on a short prompt; torch.compile'd runs compile in
+greedy decode steps, after a warm-up on a short prompt; every forward computes the logits
+of the last position only (``logits_to_keep=1``, as ``generate`` and llama.cpp do); torch.compile'd runs compile in
 the warm-up (dynamic shapes). llama.cpp runs through llama-cpp-python (batch 1), from the
 interpreter in ``MOE_AO_LLAMA_CPP_PYTHON`` or this one.
 
@@ -60,11 +61,11 @@ def run(n_prompt, n_steps):
     ids = torch.randint(0, model.config.vocab_size, (batch, n_prompt), generator=g)
     cache = DynamicCache(config=model.config)
     t0 = time.perf_counter()
-    out = fwd(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = fwd(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     t1 = time.perf_counter()
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(n_steps):
-        out = fwd(input_ids=tok, past_key_values=cache, use_cache=True)
+        out = fwd(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
     return t1 - t0, time.perf_counter() - t1
 

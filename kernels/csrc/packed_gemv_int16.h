@@ -119,10 +119,13 @@ inline float hsum256(__m256 v) {
 // part[t] per lane; z_g = zrow[g], or zsym when zrow is null. The integer part of each group
 // is exact per lane (one lane of the group also carries -z_g Σ xi), then converted and
 // scaled in fp32. At group size 32 (two = true) each chunk holds groups 2c and 2c+1, in
-// the lanes SPLIT says, and is scaled on its own.
-template <int MT, int64_t CHUNK_BYTES, Split SPLIT, class XScale, class Chunk>
+// the lanes SPLIT says, and is scaled on its own: xpair(t, g) gives xscale of groups g and
+// g+1 in lanes 0 and 1, and the pair's scales and z Σ xi terms are spread over the lanes
+// by one permute each (no per-lane inserts).
+template <int MT, int64_t CHUNK_BYTES, Split SPLIT, class XScale, class XPair, class Chunk>
 inline void integer_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow,
-                        int32_t zsym, const int32_t* const* isum, XScale&& xscale, Chunk&& chunk, float* dots) {
+                        int32_t zsym, const int32_t* const* isum, XScale&& xscale, XPair&& xpair, Chunk&& chunk,
+                        float* dots) {
   __m256 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
   auto prefetch = [&](int64_t c) {
@@ -130,20 +133,26 @@ inline void integer_row(const uint8_t* q, int64_t G, int64_t gs, const float* sr
       __builtin_prefetch(q + c * CHUNK_BYTES + PREFETCH_BYTES, 0, 3);
   };
   if (gs == Q_HALF) {
+    // lane -> element of the pair: scales to every lane of their group; z Σ xi to the
+    // group's first lane, element 2 (zero) elsewhere.
+    const __m256i to_lanes = SPLIT == Split::HALVES ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                                    : _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+    const __m256i to_first = SPLIT == Split::HALVES ? _mm256_setr_epi32(0, 2, 2, 2, 1, 2, 2, 2)
+                                                    : _mm256_setr_epi32(0, 2, 1, 2, 2, 2, 2, 2);
+    const __m128i zsym4 = _mm_set1_epi32(zsym);
     for (int64_t c = 0; c < G / 2; ++c) {
       __m256i part[MT];
       for (int t = 0; t < MT; ++t) part[t] = _mm256_setzero_si256();
       prefetch(c);
       chunk(q + c * CHUNK_BYTES, c, part, std::true_type{});
-      const int64_t ga = 2 * c, gb = 2 * c + 1;
-      const int32_t za = zrow ? int32_t(zrow[ga]) : zsym, zb = zrow ? int32_t(zrow[gb]) : zsym;
+      const int64_t g = 2 * c;
+      const __m128 s2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + g)));
+      const __m128i z2 = zrow ? _mm_cvtepu8_epi32(_mm_cvtsi32_si128(zrow[g] | zrow[g + 1] << 8)) : zsym4;
       for (int t = 0; t < MT; ++t) {
-        const int32_t ia = za * isum[t][ga], ib = zb * isum[t][gb];
-        const float sa = srow[ga] * xscale(t, ga), sb = srow[gb] * xscale(t, gb);
-        const __m256i zterm = SPLIT == Split::HALVES ? _mm256_setr_epi32(ia, 0, 0, 0, ib, 0, 0, 0)
-                                                     : _mm256_setr_epi32(ia, 0, ib, 0, 0, 0, 0, 0);
-        const __m256 scale = SPLIT == Split::HALVES ? _mm256_setr_ps(sa, sa, sa, sa, sb, sb, sb, sb)
-                                                    : _mm256_setr_ps(sa, sa, sb, sb, sa, sa, sb, sb);
+        // lanes 2-3 of the loaded pair are zero, so element 2 of zi is zero
+        const __m128i zi = _mm_mullo_epi32(z2, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(isum[t] + g)));
+        const __m256i zterm = _mm256_permutevar8x32_epi32(_mm256_zextsi128_si256(zi), to_first);
+        const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(s2, xpair(t, g))), to_lanes);
         const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(part[t], zterm));
         acc[t] = _mm256_fmadd_ps(exact, scale, acc[t]);
       }
@@ -177,8 +186,10 @@ template <int BITS, int MT>
 void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
                const int16_t* const* xq, const float* const* xs, const int32_t* const* isum, float* dots) {
   constexpr Split SPLIT = BITS <= 3 ? Split::HALVES : Split::PAIRS;
-  integer_row<MT, 8 * BITS, SPLIT>(q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t g) { return xs[t][g]; },
-                                   [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto two) {
+  integer_row<MT, 8 * BITS, SPLIT>(
+      q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t g) { return xs[t][g]; },
+      [&](int t, int64_t g) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs[t] + g))); },
+      [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto two) {
     __m256i codes[4];
     extract<BITS>(p, codes);
     for (int t = 0; t < MT; ++t) {

@@ -69,8 +69,10 @@ void int8_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const 
               const int8_t* const* xq, const float* xs, const int32_t* const* isum, float* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
   constexpr Split SPLIT = BITS == 2 ? Split::PAIRS : Split::HALVES;
-  integer_row<MT, 8 * BITS, SPLIT>(q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t) { return xs[t]; },
-                                   [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto) {
+  integer_row<MT, 8 * BITS, SPLIT>(
+      q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t) { return xs[t]; },
+      [&](int t, int64_t) { return _mm_set1_ps(xs[t]); },
+      [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto) {
     __m256i codes[2];
     extract8<BITS>(p, codes);
     for (int t = 0; t < MT; ++t) {
