@@ -146,10 +146,18 @@ void prepare_gemv_x(Problem& P, const std::vector<Task>& tasks, bool x_16bit, co
         if (P.act_bits != 8) P.xisum.allocate(size_t(M * P.G));
       }
       P.ipath[wi] = path;
+      const bool lanes = P.gs == Q_HALF && !P.buf[wi].z;  // group 32, symmetric: lane_terms per x row
+      if (lanes) {
+        P.lzi[wi].allocate(size_t(M * 4 * P.G));
+        P.lxs[wi].allocate(size_t(M * 4 * P.G));
+      }
       for (int64_t m = 0; m < M; ++m) {
         if (!rows[m]) continue;
         if (path == 8) {
           arrange_x8(xi8.data() + m * K, K, bits, P.xq8[wi].data() + m * K);
+          if (lanes)
+            lane_terms(split8(bits), 1 << (bits - 1), P.G, P.xisum.data() + m * P.G, nullptr, P.xtok.data()[m],
+                       P.lzi[wi].data() + m * 4 * P.G, P.lxs[wi].data() + m * 4 * P.G);
           continue;
         }
         int16_t* xim = xi.data();
@@ -160,6 +168,9 @@ void prepare_gemv_x(Problem& P, const std::vector<Task>& tasks, bool x_16bit, co
           quantize_x(P.x + m * P.Kx, K, P.gs, xim, P.xs.data() + m * P.G, P.xisum.data() + m * P.G);
         }
         arrange_x(xim, K, bits, P.xq[wi].data() + m * K);
+        if (lanes)
+          lane_terms(split16(bits), 1 << (bits - 1), P.G, P.xisum.data() + m * P.G, P.xs.data() + m * P.G, 0.f,
+                     P.lzi[wi].data() + m * 4 * P.G, P.lxs[wi].data() + m * 4 * P.G);
       }
       continue;
     }

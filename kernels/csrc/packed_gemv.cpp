@@ -307,6 +307,8 @@ struct Problem {
   RawArray<int16_t> xq[N_WIDTHS];    // [M, K] x as int16, in madd order (rows of GEMV tasks only)
   RawArray<int8_t> xq8[N_WIDTHS];    // [M, K] x as int8, in maddubs order (act_bits = 8)
   RawArray<float> xs;                // [M, G] per-group x scales of the int16 path
+  RawArray<int32_t> lzi[N_WIDTHS];   // [M, 4G] group 32, symmetric: lane_terms of each x row
+  RawArray<float> lxs[N_WIDTHS];     // [M, 4G]
 #endif
   int act_bits = 0;                  // 8: x rounded per token to int8 (W+A8)
   RawArray<float> xtok;              // [M] per-token x scales (act_bits = 8)
@@ -344,6 +346,16 @@ void load_scales(const Problem& P, const Buffers& B, int64_t row, float* dst) {
 #include "packed_gemm.h"
 
 #ifdef MOE_AO_INT16
+// The lane_terms rows of a pass's x rows (all null where the width has none: not group 32,
+// or asymmetric codes).
+void lane_rows(const Problem& P, int wi, const Task& t, int first, int mt, const int32_t** lzi, const float** lxs) {
+  for (int i = 0; i < mt; ++i) {
+    const int64_t m = t.rows[first + i];
+    lzi[i] = P.lzi[wi].data() ? P.lzi[wi].data() + m * 4 * P.G : nullptr;
+    lxs[i] = P.lxs[wi].data() ? P.lxs[wi].data() + m * 4 * P.G : nullptr;
+  }
+}
+
 template <int BITS, int MT>
 void int16_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const float* srow, const uint8_t* zrow,
                    int64_t r, int first) {
@@ -351,6 +363,9 @@ void int16_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const floa
   const int16_t* xq[MT];
   const float* xs[MT];
   const int32_t* isum[MT];
+  const int32_t* lzi[MT];
+  const float* lxs[MT];
+  lane_rows(P, wi, t, first, MT, lzi, lxs);
   for (int i = 0; i < MT; ++i) {
     const int64_t m = t.rows[first + i];
     xq[i] = P.xq[wi].data() + m * P.K;
@@ -358,7 +373,7 @@ void int16_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const floa
     isum[i] = P.xisum.data() + m * P.G;
   }
   float dots[MT];
-  int16_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, dots);
+  int16_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, lzi[0] ? lzi : nullptr, lxs, dots);
   for (int i = 0; i < MT; ++i) put(P, t.rows[first + i] * P.N + t.col0 + r, dots[i]);
 }
 
@@ -388,6 +403,9 @@ void int8_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const float
   const int8_t* xq[MT];
   float xs[MT];
   const int32_t* isum[MT];
+  const int32_t* lzi[MT];
+  const float* lxs[MT];
+  lane_rows(P, wi, t, first, MT, lzi, lxs);
   for (int i = 0; i < MT; ++i) {
     const int64_t m = t.rows[first + i];
     xq[i] = P.xq8[wi].data() + m * P.K;
@@ -395,7 +413,7 @@ void int8_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const float
     isum[i] = P.xisum.data() + m * P.G;
   }
   float dots[MT];
-  int8_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, dots);
+  int8_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, lzi[0] ? lzi : nullptr, lxs, dots);
   for (int i = 0; i < MT; ++i) put(P, t.rows[first + i] * P.N + t.col0 + r, dots[i]);
 }
 

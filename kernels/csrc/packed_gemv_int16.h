@@ -33,6 +33,23 @@ bool int16_path(int bits, int64_t gs) { return bits != 16 && (gs == Q_HALF || (g
 // the first group and 4-7 the second; PAIRS, lanes 0, 1, 4, 5 and 2, 3, 6, 7 (what
 // _mm256_hadd_epi32 of one vector per group gives). Each kernel's code order fixes one.
 enum class Split { HALVES, PAIRS };
+constexpr Split split16(int bits) { return bits <= 3 ? Split::HALVES : Split::PAIRS; }  // int16 path
+constexpr Split split8(int bits) { return bits == 2 ? Split::PAIRS : Split::HALVES; }   // int8 path
+
+// Group 32, symmetric codes: per x row the terms each chunk's lanes need, laid out as the
+// lanes hold them (8 per chunk): lzi = zsym Σ xi on a group's first lane (0 elsewhere),
+// lxs = the x scale of each lane's group. Then a chunk costs each x row one subtract and
+// one multiply, not a pair's loads, product and permutes.
+void lane_terms(Split split, int32_t zsym, int64_t G, const int32_t* isum, const float* xs, float xtok,
+                int32_t* lzi, float* lxs) {
+  for (int64_t c = 0; c < G / 2; ++c)
+    for (int l = 0; l < 8; ++l) {
+      const int e = split == Split::HALVES ? l / 4 : (l / 2) % 2;  // which group of the pair
+      const bool first = split == Split::HALVES ? l % 4 == 0 : l == 0 || l == 2;
+      lzi[8 * c + l] = first ? zsym * isum[2 * c + e] : 0;
+      lxs[8 * c + l] = xs ? xs[2 * c + e] : xtok;
+    }
+}
 
 // The code (0..63 within its chunk) that word b of vector e holds after extract<bits>.
 int code_of(int bits, int e, int b) {
@@ -124,19 +141,37 @@ inline float hsum256(__m256 v) {
 // by one permute each (no per-lane inserts).
 template <int MT, int64_t CHUNK_BYTES, Split SPLIT, class XScale, class XPair, class Chunk>
 inline void integer_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow,
-                        int32_t zsym, const int32_t* const* isum, XScale&& xscale, XPair&& xpair, Chunk&& chunk,
-                        float* dots) {
+                        int32_t zsym, const int32_t* const* isum, const int32_t* const* lzi,
+                        const float* const* lxs, XScale&& xscale, XPair&& xpair, Chunk&& chunk, float* dots) {
   __m256 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
   auto prefetch = [&](int64_t c) {
     if (CHUNK_BYTES >= 64 || c % (64 / CHUNK_BYTES) == 0)  // once per 64-byte line
       __builtin_prefetch(q + c * CHUNK_BYTES + PREFETCH_BYTES, 0, 3);
   };
+  // lane -> element of the pair: scales to every lane of their group
+  const __m256i to_lanes = SPLIT == Split::HALVES ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                                  : _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+  if (gs == Q_HALF && lzi) {  // symmetric: the x rows' lane terms are laid out (lane_terms)
+    for (int64_t c = 0; c < G / 2; ++c) {
+      __m256i part[MT];
+      for (int t = 0; t < MT; ++t) part[t] = _mm256_setzero_si256();
+      prefetch(c);
+      chunk(q + c * CHUNK_BYTES, c, part, std::true_type{});
+      const __m256 s8 = _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + 2 * c)))),
+          to_lanes);
+      for (int t = 0; t < MT; ++t) {
+        const __m256i zterm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lzi[t] + 8 * c));
+        const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(part[t], zterm));
+        acc[t] = _mm256_fmadd_ps(exact, _mm256_mul_ps(s8, _mm256_loadu_ps(lxs[t] + 8 * c)), acc[t]);
+      }
+    }
+    for (int t = 0; t < MT; ++t) dots[t] = hsum256(acc[t]);
+    return;
+  }
   if (gs == Q_HALF) {
-    // lane -> element of the pair: scales to every lane of their group; z Σ xi to the
-    // group's first lane, element 2 (zero) elsewhere.
-    const __m256i to_lanes = SPLIT == Split::HALVES ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
-                                                    : _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+    // z Σ xi to the group's first lane, element 2 (zero) elsewhere
     const __m256i to_first = SPLIT == Split::HALVES ? _mm256_setr_epi32(0, 2, 2, 2, 1, 2, 2, 2)
                                                     : _mm256_setr_epi32(0, 2, 1, 2, 2, 2, 2, 2);
     const __m128i zsym4 = _mm_set1_epi32(zsym);
@@ -184,10 +219,11 @@ inline void integer_row(const uint8_t* q, int64_t G, int64_t gs, const float* sr
 // kept apart by a horizontal add (PAIRS).
 template <int BITS, int MT>
 void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
-               const int16_t* const* xq, const float* const* xs, const int32_t* const* isum, float* dots) {
-  constexpr Split SPLIT = BITS <= 3 ? Split::HALVES : Split::PAIRS;
+               const int16_t* const* xq, const float* const* xs, const int32_t* const* isum,
+               const int32_t* const* lzi, const float* const* lxs, float* dots) {
+  constexpr Split SPLIT = split16(BITS);
   integer_row<MT, 8 * BITS, SPLIT>(
-      q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t g) { return xs[t][g]; },
+      q, G, gs, srow, zrow, zsym, isum, lzi, lxs, [&](int t, int64_t g) { return xs[t][g]; },
       [&](int t, int64_t g) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs[t] + g))); },
       [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto two) {
     __m256i codes[4];

@@ -66,11 +66,12 @@ template <int BITS> inline void extract8(const uint8_t* p, __m256i (&c)[2]) {
 // (PAIRS).
 template <int BITS, int MT>
 void int8_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow, int32_t zsym,
-              const int8_t* const* xq, const float* xs, const int32_t* const* isum, float* dots) {
+              const int8_t* const* xq, const float* xs, const int32_t* const* isum, const int32_t* const* lzi,
+              const float* const* lxs, float* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
-  constexpr Split SPLIT = BITS == 2 ? Split::PAIRS : Split::HALVES;
+  constexpr Split SPLIT = split8(BITS);
   integer_row<MT, 8 * BITS, SPLIT>(
-      q, G, gs, srow, zrow, zsym, isum, [&](int t, int64_t) { return xs[t]; },
+      q, G, gs, srow, zrow, zsym, isum, lzi, lxs, [&](int t, int64_t) { return xs[t]; },
       [&](int t, int64_t) { return _mm_set1_ps(xs[t]); },
       [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto) {
     __m256i codes[2];
