@@ -162,8 +162,8 @@ def int16_path(bits: int, group_size: int) -> bool:
 def int8_path(bits: int, group_size: int) -> bool:
     """Whether the built kernel multiplies ``bits``-bit codes with int8 activations in
     vpmaddubsw (W+A8 weights, act_bits = 8): on AVX2 builds for 2, 3 and 4 bits at group
-    sizes of 32 (for rows of a multiple of 64 weights) and multiples of 64; elsewhere W+A8 rounds x to int8 the same way and
-    multiplies in fp32 (or, at 8 bits, on the int16 path).
+    sizes of 32 (for rows of a multiple of 64 weights) and multiples of 64; elsewhere W+A8
+    rounds x to int8 the same way and multiplies in fp32 (or, at 8 bits, on the int16 path).
 
     Raises:
         RuntimeError: the kernel failed to compile.
