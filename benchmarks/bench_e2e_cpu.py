@@ -19,8 +19,8 @@ group 32, symmetric, so that llama.cpp's formats hold the same codes:
 process with 2 threads: load, then a 512-token prompt (one forward, batch B) and 64
 greedy decode steps, after a warm-up on a short prompt; every forward computes the
 logits of the last position only (``logits_to_keep=1``, as ``generate`` and llama.cpp
-do); torch.compile'd runs compile in the warm-up (dynamic shapes). llama.cpp runs through llama-cpp-python (batch 1), from the
-interpreter in ``MOE_AO_LLAMA_CPP_PYTHON`` or this one.
+do); torch.compile'd runs compile in the warm-up (dynamic shapes). llama.cpp runs through
+llama-cpp-python (batch 1), from the interpreter in ``MOE_AO_LLAMA_CPP_PYTHON`` or this one.
 
     python benchmarks/bench_e2e_cpu.py --root /work/e2e --models mixtral2 olmoe2
 """
