@@ -16,6 +16,7 @@ from moe_ao.calibration import load_eval_tokens
 from moe_ao.eval.metrics import eval_windows
 from moe_ao.export import export
 from moe_ao.export.verify import PYTHON_ENV, kl_per_token, llama_cpp_python, llama_cpp_run
+from moe_ao.kernels.cpu_packed import DISABLE_ENV
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,7 +27,11 @@ pytest.importorskip("gguf", reason="the gguf package is not installed (pip insta
 
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen2-moe"])
-def test_all_q4_0_q8_0_export_matches_moe_ao(name, tmp_path):
+def test_all_q4_0_q8_0_export_matches_moe_ao(name, tmp_path, monkeypatch):
+    """llama.cpp's logits on the export agree with moe_ao's about as closely as moe_ao's two
+    own implementations (the C++ kernel and the dequantize-then-matmul reference) agree: the
+    trained models turn bf16 rounding into KL ~1e-3, and llama.cpp also rounds activations
+    to 8 bits. A wrong code, scale or row order costs orders of magnitude more."""
     model, tok = models.load(name)
     plan = moe_ao.plan(model, "uniform", bits=4, group_size=32, serving="llama.cpp",
                        base={"attention": 8, "expert": 4, "shared_expert": 8, "dense_mlp": 8})
@@ -36,8 +41,11 @@ def test_all_q4_0_q8_0_export_matches_moe_ao(name, tmp_path):
     got = llama_cpp_run(path, windows, gen=(8, 16))
     with torch.no_grad():
         ref = model(windows).logits.float()
+        with monkeypatch.context() as m:
+            m.setenv(DISABLE_ENV, "1")
+            floor = kl_per_token(ref, model(windows).logits.float()).mean().item()
     kl = kl_per_token(ref, got["logits"]).mean().item()
-    assert kl < 1e-3, f"KL(moe_ao || llama.cpp) = {kl}"
+    assert kl < 1e-3 + 2 * floor, f"KL(moe_ao || llama.cpp) = {kl}; moe_ao kernel vs its reference: {floor}"
     assert got["greedy"].shape == (4, 8)
     with torch.no_grad():
         mine = model.generate(windows[:, :16], max_new_tokens=8, do_sample=False)[:, 16:]
