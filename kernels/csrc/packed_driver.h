@@ -146,7 +146,8 @@ void prepare_gemv_x(Problem& P, const std::vector<Task>& tasks, bool x_16bit, co
         if (P.act_bits != 8) P.xisum.allocate(size_t(M * P.G));
       }
       P.ipath[wi] = path;
-      const bool lanes = P.gs == Q_HALF && !P.buf[wi].z;  // group 32, symmetric: lane_terms per x row
+      const bool lanes = P.gs == Q_HALF;  // group 32: lane_terms per x row
+      const int32_t zsym = P.buf[wi].z ? 1 : 1 << (bits - 1);  // asymmetric: z_g multiplies per weight row
       if (lanes) {
         P.lzi[wi].allocate(size_t(M * 4 * P.G));
         P.lxs[wi].allocate(size_t(M * 4 * P.G));
@@ -156,7 +157,7 @@ void prepare_gemv_x(Problem& P, const std::vector<Task>& tasks, bool x_16bit, co
         if (path == 8) {
           arrange_x8(xi8.data() + m * K, K, bits, P.xq8[wi].data() + m * K);
           if (lanes)
-            lane_terms(split8(bits), 1 << (bits - 1), P.G, P.xisum.data() + m * P.G, nullptr, P.xtok.data()[m],
+            lane_terms(split8(bits), zsym, P.G, P.xisum.data() + m * P.G, nullptr, P.xtok.data()[m],
                        P.lzi[wi].data() + m * 4 * P.G, P.lxs[wi].data() + m * 4 * P.G);
           continue;
         }
@@ -169,7 +170,7 @@ void prepare_gemv_x(Problem& P, const std::vector<Task>& tasks, bool x_16bit, co
         }
         arrange_x(xim, K, bits, P.xq[wi].data() + m * K);
         if (lanes)
-          lane_terms(split16(bits), 1 << (bits - 1), P.G, P.xisum.data() + m * P.G, P.xs.data() + m * P.G, 0.f,
+          lane_terms(split16(bits), zsym, P.G, P.xisum.data() + m * P.G, P.xs.data() + m * P.G, 0.f,
                      P.lzi[wi].data() + m * 4 * P.G, P.lxs[wi].data() + m * 4 * P.G);
       }
       continue;

@@ -307,7 +307,7 @@ struct Problem {
   RawArray<int16_t> xq[N_WIDTHS];    // [M, K] x as int16, in madd order (rows of GEMV tasks only)
   RawArray<int8_t> xq8[N_WIDTHS];    // [M, K] x as int8, in maddubs order (act_bits = 8)
   RawArray<float> xs;                // [M, G] per-group x scales of the int16 path
-  RawArray<int32_t> lzi[N_WIDTHS];   // [M, 4G] group 32, symmetric: lane_terms of each x row
+  RawArray<int32_t> lzi[N_WIDTHS];   // [M, 4G] group 32: lane_terms of each x row
   RawArray<float> lxs[N_WIDTHS];     // [M, 4G]
 #endif
   int act_bits = 0;                  // 8: x rounded per token to int8 (W+A8)
@@ -346,8 +346,7 @@ void load_scales(const Problem& P, const Buffers& B, int64_t row, float* dst) {
 #include "packed_gemm.h"
 
 #ifdef MOE_AO_INT16
-// The lane_terms rows of a pass's x rows (all null where the width has none: not group 32,
-// or asymmetric codes).
+// The lane_terms rows of a pass's x rows (all null where the width has none: not group 32).
 void lane_rows(const Problem& P, int wi, const Task& t, int first, int mt, const int32_t** lzi, const float** lxs) {
   for (int i = 0; i < mt; ++i) {
     const int64_t m = t.rows[first + i];
@@ -373,7 +372,7 @@ void int16_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const floa
     isum[i] = P.xisum.data() + m * P.G;
   }
   float dots[MT];
-  int16_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, lzi[0] ? lzi : nullptr, lxs, dots);
+  int16_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, lzi, lxs, dots);
   for (int i = 0; i < MT; ++i) put(P, t.rows[first + i] * P.N + t.col0 + r, dots[i]);
 }
 
@@ -413,7 +412,7 @@ void int8_rows_mt(const Problem& P, const Task& t, const uint8_t* q, const float
     isum[i] = P.xisum.data() + m * P.G;
   }
   float dots[MT];
-  int8_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, lzi[0] ? lzi : nullptr, lxs, dots);
+  int8_row<BITS, MT>(q, P.G, P.gs, srow, zrow, 1 << (BITS - 1), xq, xs, isum, lzi, lxs, dots);
   for (int i = 0; i < MT; ++i) put(P, t.rows[first + i] * P.N + t.col0 + r, dots[i]);
 }
 

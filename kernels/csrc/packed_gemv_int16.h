@@ -27,7 +27,9 @@ constexpr int64_t Q_MAX_GROUP = 128;
 
 constexpr int64_t Q_HALF = Q_CHUNK / 2;  // group size 32: two groups per chunk (rows of K % 64 == 0)
 
-bool int16_path(int bits, int64_t gs) { return bits != 16 && (gs == Q_HALF || (gs % Q_CHUNK == 0 && gs <= Q_MAX_GROUP)); }
+bool int16_path(int bits, int64_t gs) {
+  return bits != 16 && (gs == Q_HALF || (gs % Q_CHUNK == 0 && gs <= Q_MAX_GROUP));
+}
 
 // Where a chunk's int32 lane sums put its two groups at group size 32: HALVES, lanes 0-3
 // the first group and 4-7 the second; PAIRS, lanes 0, 1, 4, 5 and 2, 3, 6, 7 (what
@@ -36,10 +38,11 @@ enum class Split { HALVES, PAIRS };
 constexpr Split split16(int bits) { return bits <= 3 ? Split::HALVES : Split::PAIRS; }  // int16 path
 constexpr Split split8(int bits) { return bits == 2 ? Split::PAIRS : Split::HALVES; }   // int8 path
 
-// Group 32, symmetric codes: per x row the terms each chunk's lanes need, laid out as the
-// lanes hold them (8 per chunk): lzi = zsym Σ xi on a group's first lane (0 elsewhere),
-// lxs = the x scale of each lane's group. Then a chunk costs each x row one subtract and
-// one multiply, not a pair's loads, product and permutes.
+// Group 32: per x row the terms each chunk's lanes need, laid out as the lanes hold them (8
+// per chunk): lzi = zsym Σ xi on a group's first lane (0 elsewhere; zsym = 1 for
+// asymmetric codes, whose z_g multiplies it per weight row), lxs = the x scale of each
+// lane's group. Then a chunk costs each x row one subtract and one multiply, not a pair's
+// loads, product and permutes.
 void lane_terms(Split split, int32_t zsym, int64_t G, const int32_t* isum, const float* xs, float xtok,
                 int32_t* lzi, float* lxs) {
   for (int64_t c = 0; c < G / 2; ++c)
@@ -136,60 +139,38 @@ inline float hsum256(__m256 v) {
 // part[t] per lane; z_g = zrow[g], or zsym when zrow is null. The integer part of each group
 // is exact per lane (one lane of the group also carries -z_g Σ xi), then converted and
 // scaled in fp32. At group size 32 (two = true) each chunk holds groups 2c and 2c+1, in
-// the lanes SPLIT says, and is scaled on its own: xpair(t, g) gives xscale of groups g and
-// g+1 in lanes 0 and 1, and the pair's scales and z Σ xi terms are spread over the lanes
-// by one permute each (no per-lane inserts).
-template <int MT, int64_t CHUNK_BYTES, Split SPLIT, class XScale, class XPair, class Chunk>
+// the lanes SPLIT says, and is scaled on its own with the x rows' lane_terms (lzi, lxs);
+// the pair's weight scales (and zero points) are spread over the lanes by one permute.
+template <int MT, int64_t CHUNK_BYTES, Split SPLIT, class XScale, class Chunk>
 inline void integer_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const uint8_t* zrow,
                         int32_t zsym, const int32_t* const* isum, const int32_t* const* lzi,
-                        const float* const* lxs, XScale&& xscale, XPair&& xpair, Chunk&& chunk, float* dots) {
+                        const float* const* lxs, XScale&& xscale, Chunk&& chunk, float* dots) {
   __m256 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
   auto prefetch = [&](int64_t c) {
     if (CHUNK_BYTES >= 64 || c % (64 / CHUNK_BYTES) == 0)  // once per 64-byte line
       __builtin_prefetch(q + c * CHUNK_BYTES + PREFETCH_BYTES, 0, 3);
   };
-  // lane -> element of the pair: scales to every lane of their group
-  const __m256i to_lanes = SPLIT == Split::HALVES ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
-                                                  : _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
-  if (gs == Q_HALF && lzi) {  // symmetric: the x rows' lane terms are laid out (lane_terms)
-    for (int64_t c = 0; c < G / 2; ++c) {
-      __m256i part[MT];
-      for (int t = 0; t < MT; ++t) part[t] = _mm256_setzero_si256();
-      prefetch(c);
-      chunk(q + c * CHUNK_BYTES, c, part, std::true_type{});
-      const __m256 s8 = _mm256_permutevar8x32_ps(
-          _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + 2 * c)))),
-          to_lanes);
-      for (int t = 0; t < MT; ++t) {
-        const __m256i zterm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lzi[t] + 8 * c));
-        const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(part[t], zterm));
-        acc[t] = _mm256_fmadd_ps(exact, _mm256_mul_ps(s8, _mm256_loadu_ps(lxs[t] + 8 * c)), acc[t]);
-      }
-    }
-    for (int t = 0; t < MT; ++t) dots[t] = hsum256(acc[t]);
-    return;
-  }
   if (gs == Q_HALF) {
-    // z Σ xi to the group's first lane, element 2 (zero) elsewhere
-    const __m256i to_first = SPLIT == Split::HALVES ? _mm256_setr_epi32(0, 2, 2, 2, 1, 2, 2, 2)
-                                                    : _mm256_setr_epi32(0, 2, 1, 2, 2, 2, 2, 2);
-    const __m128i zsym4 = _mm_set1_epi32(zsym);
+    // lane -> element of the pair: each group's scale and zero point to every lane of it
+    const __m256i to_lanes = SPLIT == Split::HALVES ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                                    : _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
     for (int64_t c = 0; c < G / 2; ++c) {
       __m256i part[MT];
       for (int t = 0; t < MT; ++t) part[t] = _mm256_setzero_si256();
       prefetch(c);
       chunk(q + c * CHUNK_BYTES, c, part, std::true_type{});
       const int64_t g = 2 * c;
-      const __m128 s2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + g)));
-      const __m128i z2 = zrow ? _mm_cvtepu8_epi32(_mm_cvtsi32_si128(zrow[g] | zrow[g + 1] << 8)) : zsym4;
+      const __m256 s8 = _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + g)))), to_lanes);
+      const __m256i z8 = zrow ? _mm256_permutevar8x32_epi32(
+          _mm256_castsi128_si256(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(zrow[g] | zrow[g + 1] << 8))), to_lanes)
+                              : __m256i{};
       for (int t = 0; t < MT; ++t) {
-        // lanes 2-3 of the loaded pair are zero, so element 2 of zi is zero
-        const __m128i zi = _mm_mullo_epi32(z2, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(isum[t] + g)));
-        const __m256i zterm = _mm256_permutevar8x32_epi32(_mm256_zextsi128_si256(zi), to_first);
-        const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(s2, xpair(t, g))), to_lanes);
+        const __m256i zi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lzi[t] + 8 * c));
+        const __m256i zterm = zrow ? _mm256_mullo_epi32(z8, zi) : zi;
         const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(part[t], zterm));
-        acc[t] = _mm256_fmadd_ps(exact, scale, acc[t]);
+        acc[t] = _mm256_fmadd_ps(exact, _mm256_mul_ps(s8, _mm256_loadu_ps(lxs[t] + 8 * c)), acc[t]);
       }
     }
     for (int t = 0; t < MT; ++t) dots[t] = hsum256(acc[t]);
@@ -224,7 +205,6 @@ void int16_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const
   constexpr Split SPLIT = split16(BITS);
   integer_row<MT, 8 * BITS, SPLIT>(
       q, G, gs, srow, zrow, zsym, isum, lzi, lxs, [&](int t, int64_t g) { return xs[t][g]; },
-      [&](int t, int64_t g) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs[t] + g))); },
       [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto two) {
     __m256i codes[4];
     extract<BITS>(p, codes);

@@ -72,7 +72,6 @@ void int8_row(const uint8_t* q, int64_t G, int64_t gs, const float* srow, const 
   constexpr Split SPLIT = split8(BITS);
   integer_row<MT, 8 * BITS, SPLIT>(
       q, G, gs, srow, zrow, zsym, isum, lzi, lxs, [&](int t, int64_t) { return xs[t]; },
-      [&](int t, int64_t) { return _mm_set1_ps(xs[t]); },
       [&](const uint8_t* p, int64_t c, __m256i (&part)[MT], auto) {
     __m256i codes[2];
     extract8<BITS>(p, codes);
