@@ -4,7 +4,8 @@ For each shape, width and group size (32: llama.cpp's block, 64, 128) and x rows
 time of ``packed_linear`` with bf16 x (the integer path where the build has one) beside
 fp32 x (the exact fp32 path, a baseline from the same run), and the bytes each call reads
 per second. Weights are rotated over copies so that none is read from cache; best of 5.
-The first line is the machine's copy bandwidth (torch ``copy_`` of 256 MiB, read + write).
+Each section opens with the machine's copy bandwidth (``bench_cpu_decode``'s memcpy of
+512 MB, counted as read + write).
 
     python benchmarks/bench_group_size.py --threads 1 2
 """
@@ -20,16 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine  # noqa: E402
+from bench_cpu_decode import memcpy_variant, random_packed, slice_bytes  # noqa: E402
 
 from moe_ao.kernels.cpu_packed import int16_path, packed_linear  # noqa: E402
-from moe_ao.primitives import QuantizedWeight  # noqa: E402
 from moe_ao.tensors.packed import PackedWeight  # noqa: E402
-
-
-def weight(N: int, K: int, bits: int, gs: int, g: torch.Generator) -> PackedWeight:
-    codes = torch.randint(0, 2**bits, (N, K), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(N, K // gs, generator=g) + 0.05).to(torch.bfloat16)
-    return PackedWeight.from_slices([QuantizedWeight(codes, scale, None, bits, gs)], (N, K), 1, torch.bfloat16)
 
 
 def best_time(ws: list[PackedWeight], x: torch.Tensor) -> float:
@@ -45,13 +40,12 @@ def best_time(ws: list[PackedWeight], x: torch.Tensor) -> float:
 
 
 def copy_gbs() -> float:
-    a = torch.empty(2**28, dtype=torch.uint8)
-    b = torch.empty_like(a)
-    b.copy_(a)
+    copy, nbytes = memcpy_variant()
+    copy(0)
     t = time.perf_counter()
-    for _ in range(3):
-        b.copy_(a)
-    return 2 * a.numel() * 3 / (time.perf_counter() - t) / 1e9
+    for i in range(3):
+        copy(i)
+    return 2 * nbytes * 3 / (time.perf_counter() - t) / 1e9
 
 
 def main() -> None:
@@ -78,8 +72,8 @@ def main() -> None:
             N, K = (int(v) for v in shape.split("x"))
             for bits in args.bits:
                 for gs in args.groups:
-                    ws = [weight(N, K, bits, gs, g) for _ in range(args.copies)]
-                    nbytes = N * K * bits / 8 + N * (K // gs) * 2
+                    ws = [random_packed((N, K), 1, [bits], gs) for _ in range(args.copies)]
+                    nbytes = slice_bytes(N, K, bits, gs)
                     for M in args.rows:
                         x = torch.randn(M, K, generator=g)
                         t16, t32 = best_time(ws, x.to(torch.bfloat16)), best_time(ws, x)
