@@ -45,28 +45,6 @@ def test_packed_linear_vs_float64(bits, group_size, symmetric, dtype):
         assert_matches(packed_linear(x, w), x, W, mag, group_size=group_size)
 
 
-@pytest.mark.parametrize("act_bits", [None, 8])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_group_32_rows_not_whole_chunks(bits, act_bits):
-    """Group size 32 takes the integer paths only for rows of whole 64-code chunks: a row of
-    96 codes (3 groups) falls back to the fp32 path, still matching float64, and a row of 160
-    beside it in the same call (5 groups: two chunks and a half) too."""
-    g = torch.Generator().manual_seed(bits + (act_bits or 0))
-    for K in (96, 160):
-        s = random_slice(12, K, bits, 32, False, torch.bfloat16, g)
-        w = PackedWeight.from_slices([s], (12, K), 1, torch.bfloat16, act_bits=act_bits)
-        W, mag = dequant64(s)
-        x = torch.randn(5, K, generator=g).to(torch.bfloat16)
-        if act_bits:
-            amax = x.float().abs().amax(-1, keepdim=True)
-            x64 = torch.round(x.float() / (amax / 127)).clamp(-127, 127).double() * (amax / 127).double()
-            ref, bound = x64 @ W.T, x64.abs() @ mag.T
-            err = (packed_linear(x, w).double() - ref).abs()
-            assert (err <= 1e-5 * bound + 2.0**-8 * ref.abs() + 1e-30).all()
-        else:
-            assert_matches(packed_linear(x, w), x, W, mag, group_size=32)
-
-
 @pytest.mark.parametrize(
     "bits, K, group_size",
     [(2, 144, 48), (3, 144, 24), (4, 144, 24), (8, 144, 24), (8, 60, 12), (4, 40, 4)],

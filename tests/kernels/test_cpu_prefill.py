@@ -154,6 +154,24 @@ def _assert_close_to(y: torch.Tensor, x64: torch.Tensor, W: torch.Tensor, mag: t
     assert (err <= allowed).all(), f"max err/allowed {(err / allowed).max().item():.3g}"
 
 
+@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_group_32_rows_not_whole_chunks(bits, act_bits):
+    """Group size 32 takes the integer paths only for rows of whole 64-code chunks: a row of
+    96 codes (3 groups) falls back to the fp32 path, still matching float64, and a row of 160
+    (5 groups: two chunks and a half) too; with and without int8 activations."""
+    g = torch.Generator().manual_seed(bits + (act_bits or 0))
+    for K in (96, 160):
+        s = random_slice(12, K, bits, 32, False, torch.bfloat16, g)
+        w = PackedWeight.from_slices([s], (12, K), 1, torch.bfloat16, act_bits=act_bits)
+        W, mag = dequant64(s)
+        x = torch.randn(5, K, generator=g).to(torch.bfloat16)
+        if act_bits:
+            _assert_close_to(packed_linear(x, w), int8_rounded(x), W, mag)
+        else:
+            assert_matches(packed_linear(x, w), x, W, mag, group_size=32)
+
+
 def test_int8_path_where_the_cpu_has_avx2_only():
     from pathlib import Path
 
