@@ -65,6 +65,11 @@ def dequantized(t) -> torch.Tensor:
     return torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
 
 
+def fp16_scaled(c):
+    """Unit codes with their scales rounded to fp16, as Q4_0/Q8_0 store them."""
+    return c.__class__(**{**c.__dict__, "scale": c.scale.to(torch.float16).float()})
+
+
 @pytest.mark.parametrize("kind", sorted(ARCHS))
 def test_names_and_types_are_llama_cpps(kind, tmp_path):
     model, tok = tiny(kind)
@@ -103,8 +108,7 @@ def test_q4_0_q8_0_read_back_equal_moe_ao_weights(bits, group_size, tmp_path):
         else:
             continue
         c = unit_codes(model, u)
-        fp16_scales = c.__class__(**{**c.__dict__, "scale": c.scale.to(torch.float16).float()})
-        assert torch.equal(got, fp16_scales.dequantize().float()), u.name
+        assert torch.equal(got, fp16_scaled(c).dequantize().float()), u.name
         torch.testing.assert_close(got, c.dequantize().float(), rtol=2**-8, atol=0)  # moe_ao rounds w to bf16
 
 
@@ -117,9 +121,7 @@ def test_quantized_head_is_the_output_tensor(tmp_path):
     moe_ao.quantize_(model, Plan({**{n: plan[n].bits for n in plan}, head.name: 4}, group_size=32))
     _, tensors = read(export(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok))
     assert tensors["output.weight"].tensor_type.name == "Q4_0"
-    c = unit_codes(model, head)
-    fp16_scales = c.__class__(**{**c.__dict__, "scale": c.scale.to(torch.float16).float()})
-    assert torch.equal(dequantized(tensors["output.weight"]), fp16_scales.dequantize().float())
+    assert torch.equal(dequantized(tensors["output.weight"]), fp16_scaled(unit_codes(model, head)).dequantize().float())
 
 
 def test_k_quants_where_rows_allow_and_q4_0_where_not(tmp_path):
