@@ -63,19 +63,29 @@ def rtn_unit(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
 
 
 def _check_ties(model: nn.Module, plan: Plan, all_units: list[Unit]) -> None:
-    params: dict[int, str] = {}
+    """Tied weights (an input embedding shared with the head) are quantized once, as one
+    tensor: a planned unit whose weight another parameter name shares needs the unit of that
+    name planned at the same spec, else ValueError naming both."""
+    names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        params.setdefault(id(p), name)
+        names.setdefault(id(p), []).append(name)
+    by_param = {u.param: u for u in all_units if not u.fused}
     for u in all_units:
         if u.name in plan and plan[u.name].quantized:
-            owner = params.get(id(model.get_parameter(u.param)))
-            if owner is not None and owner != u.param:
-                raise ValueError(f"{u.name}: its weight is tied to {owner}; untie it before quantizing")
+            for other in names.get(id(model.get_parameter(u.param)), []):
+                twin = by_param.get(other)
+                if other == u.param or (twin is not None and twin.name in plan and plan[twin.name] == plan[u.name]):
+                    continue
+                hint = (f"plan {twin.name} at the same spec (the shared weight is quantized once) or untie it"
+                        if twin is not None else "untie it before quantizing")
+                raise ValueError(f"{u.name}: its weight is tied to {other}; {hint}")
 
 
 def swap_in(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
     """Replaces parameters by FQN; all Parameters are made before the first swap."""
-    params = {fqn: t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False) for fqn, t in new.items()}
+    made: dict[int, nn.Parameter] = {}  # one Parameter per tensor: tied names stay tied
+    params = {fqn: t if isinstance(t, nn.Parameter) else made.setdefault(id(t), nn.Parameter(t, requires_grad=False))
+              for fqn, t in new.items()}
     for fqn, param in params.items():
         owner_name, _, attr = fqn.rpartition(".")
         setattr(model.get_submodule(owner_name), attr, param)
@@ -126,11 +136,17 @@ def rtn_packed(
     limits it to those parameter FQNs (a streamed model's loaded layer)."""
     planned_names = {u.name for u in planned}
     new = {}
+    packed_as: dict[int, tuple[str, QuantizedWeight, float]] = {}  # tensor id -> (FQN, codes, error) packed
     for fqn, param_units in units_by_param(all_units).items():
         if params is not None and fqn not in params:
             continue
         todo = [u for u in param_units if u.name in planned_names]
         if not todo:
+            continue
+        tied = packed_as.get(id(model.get_parameter(fqn)))
+        if tied is not None:  # a name of a tensor packed already (_check_ties made sure the specs agree)
+            new[fqn] = new[tied[0]]
+            record_units(report, todo, {u.name: tied[1] for u in todo}, {u.name: tied[2] for u in todo})
             continue
         results = {}
         for u in todo:
@@ -139,6 +155,8 @@ def rtn_packed(
             results[u.name] = rtn_unit(W, plan[u.name])
         new[fqn], errors = pack_param(model, fqn, param_units, results)
         record_units(report, todo, results, errors)
+        if len(todo) == 1 and not todo[0].fused:
+            packed_as[id(model.get_parameter(fqn))] = (fqn, results[todo[0].name], errors[todo[0].name])
     return new
 
 

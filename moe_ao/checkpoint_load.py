@@ -216,8 +216,10 @@ def _slice_of(u: Unit, w: PackedWeight) -> int:
     return u.expert * w.n_seg + u.segment if u.fused else u.segment
 
 
-def check_plan(path: Path, plan: Plan, model_units: list[Unit], packed: Mapping[str, PackedWeight]) -> None:
-    """The plan fits the model, and every unit's stored bits are the plan's."""
+def check_plan(path: Path, plan: Plan, model_units: list[Unit], packed: Mapping[str, PackedWeight],
+               tied: Mapping[str, str] | None = None) -> None:
+    """The plan fits the model, and every unit's stored bits are the plan's (a tied name's are
+    those of the tensor it shares)."""
     try:
         plan.validate(model_units)
     except ValueError as e:
@@ -225,7 +227,7 @@ def check_plan(path: Path, plan: Plan, model_units: list[Unit], packed: Mapping[
     for u in model_units:
         spec = plan.get(u.name)
         want = spec.bits if spec is not None else 16
-        w = packed.get(u.param)
+        w = packed.get((tied or {}).get(u.param, u.param))
         have = w.slice_bits[_slice_of(u, w)] if w is not None else 16
         if have != want or (want < 16 and (w.group_size, w.symmetric) != (spec.group_size, spec.symmetric)):
             stored = f"{have} bits" + (f", group {w.group_size}, symmetric={w.symmetric}" if have < 16 else "")
@@ -294,7 +296,7 @@ def load_checkpoint(path: Path, device: str | torch.device, verify: bool) -> nn.
         new = rebuild_packed(lambda key: flat.pop(key, None), meta, str(path), legacy=meta["version"] == 1)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    check_plan(path, plan, model_units, new)
+    check_plan(path, plan, model_units, new, meta["tied"])
     swap_in(model, new)
     model.load_state_dict(flat, strict=False, assign=True)
     if meta["tied"]:

@@ -113,10 +113,12 @@ class MoeAoHfQuantizer(HfQuantizer):
             if loaded.device != w.device or target_dtype is not None:
                 new[fqn] = w.to(loaded.device, dtype=target_dtype or w.dtype)
         swap_in(model, new)
+        if self.meta.get("tied"):
+            model.tie_weights()  # a packed tied embedding: the head shares the swapped-in tensor again
         if any(t.ndim == 3 for t in new.values()):
             experts_impl.select(model)
         plan = Plan.from_json(str(self.checkpoint / "plan.json"))
-        check_plan(self.checkpoint, plan, self.units, new)
+        check_plan(self.checkpoint, plan, self.units, new, self.meta.get("tied"))
         setattr(model, PLAN_ATTR, plan)
         if self.meta.get("report"):
             setattr(model, REPORT_ATTR, QuantizationReport(**self.meta["report"]))

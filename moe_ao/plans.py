@@ -232,8 +232,6 @@ class Plan(Mapping[str, QuantSpec]):
                 close = difflib.get_close_matches(name, list(by_name), n=3)
                 hint = f"; did you mean {close}?" if close else ""
                 raise ValueError(f"plan names unit {name!r}, which the model does not have{hint}")
-            if unit.kind == "embedding" and spec.quantized:
-                raise ValueError(f"{name}: embeddings cannot be quantized; allowed bits: (16,)")
             in_features = unit.shape[1]
             if spec.quantized and in_features % spec.group_size:
                 divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0] + [in_features]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +61,7 @@ from moe_ao.unit import Unit
 logger = logging.getLogger(__name__)
 
 QUANTIZERS = tuple(m.value for m in Method)
+OUTSIDE_KINDS = ("lm_head", "embedding")  # the units outside the decoder layers that are measured
 HEAD_ELEMENTS = 2**21  # logits per head evaluation (8 MB of float32): see _pieces
 
 
@@ -213,13 +214,45 @@ def head_kl_sums(head: Head, chunks: Sequence[torch.Tensor], final: Sequence[tor
 
 
 def check_head(model: nn.Module, units: Sequence[Unit]) -> None:
-    """Raises ValueError when an lm_head unit's weight is tied to the input embedding
+    """Raises ValueError when an lm_head or embedding unit's weight is tied to the other
     (``quantize_`` refuses to quantize it, so there is nothing to measure)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and head is not None and head.weight is emb.weight
     for u in units:
-        if u.kind == "lm_head" and emb is not None and model.get_parameter(u.param) is emb.weight:
-            raise ValueError(f"{u.name}: its weight is tied to the input embedding; untie it (or leave lm_head out "
+        if tied and u.kind in ("lm_head", "embedding"):
+            other = "input embedding" if u.kind == "lm_head" else "output head"
+            raise ValueError(f"{u.name}: its weight is tied to the {other}; untie it (or leave {u.kind} out "
                              f"of the planned kinds) to measure or quantize it")
+
+
+def embedding_inputs(model: nn.Module, u: Unit, ids: torch.Tensor, batch_size: int, quant: _Quantize,
+                     dtype: torch.dtype, use: Callable[[int, LayerInputs], None]) -> None:
+    """Per width b, ``use(b, inputs)`` with layer 0's inputs on the windows ``ids`` while the
+    embedding unit u alone is quantized at b bits (RTN, as ``quantize_`` quantizes it), through
+    the model's own embedding code (scaling, positions); the model's weight is restored after."""
+    view = unit_weight(model, u)
+    saved = view.detach().clone()
+    check_finite(saved, u.name)
+    try:
+        for b in quant.bits:
+            view.copy_(_candidates({u.name: saved}, [u], {}, b, quant)[u.name])
+            use(b, capture_inputs(model, ids, batch_size).to(dtype))
+    finally:
+        view.copy_(saved)
+
+
+def embedding_kls(model: nn.Module, work: Sequence[nn.Module], measured: torch.Tensor, batch_size: int,
+                  units: Sequence[Unit], ref: _Reference, quant: _Quantize,
+                  dtype: torch.dtype) -> dict[str, dict[int, float]]:
+    """Per embedding unit and width, the mean per-token KL of quantizing the embedding alone:
+    the float layers and head run on the inputs it gives layer 0."""
+    table: dict[str, dict[int, float]] = {}
+    for u in units:
+        row = table[u.name] = {}
+        embedding_inputs(model, u, measured, batch_size, quant, dtype,
+                         lambda b, inputs: row.__setitem__(b, ref.kl(_tail(work, 0, inputs))))
+    return table
 
 
 def _tail(layers: Sequence[nn.Module], start: int, inputs: LayerInputs) -> LayerInputs:
@@ -312,10 +345,10 @@ def _check_args(calibration: torch.Tensor, units: Sequence[Unit], group_sizes: d
     check_token_ids(calibration, model_config)
     if isinstance(kl_windows, bool) or not isinstance(kl_windows, int) or kl_windows < 1:
         raise ValueError(f"kl_windows={kl_windows!r}; allowed: a positive int")
-    bad = [u.name for u in units if (u.layer is None and u.kind != "lm_head") or u.kind == "router"]
+    bad = [u.name for u in units if (u.layer is None and u.kind not in OUTSIDE_KINDS) or u.kind == "router"]
     if bad:
-        raise ValueError(f"KL sensitivities are measured for decoder-layer linears and lm_head only; got routers "
-                         f"or embeddings: {bad[:3]}")
+        raise ValueError(f"KL sensitivities are measured for decoder-layer linears, lm_head and embeddings only; "
+                         f"got routers or other units outside the decoder layers: {bad[:3]}")
     missing = [u.name for u in units if u.name not in group_sizes]
     if missing:
         raise ValueError(f"group_sizes lacks {len(missing)} units, e.g. {missing[:3]}")
@@ -348,8 +381,9 @@ def kl_sensitivities(
         model: the float model (not changed).
         calibration: int64 [n, L] token windows. GPTQ's Hessians use all of them; the
             KL is measured on the first ``kl_windows``.
-        units: the units to measure: decoder-layer linears (not routers) and an untied
-            lm_head (RTN, as ``quantize_`` quantizes it, on the float model's final hidden states).
+        units: the units to measure: decoder-layer linears (not routers), an untied lm_head
+            (RTN, as ``quantize_`` quantizes it, on the float model's final hidden states) and
+            an untied input embedding (RTN; every float layer runs on what it gives layer 0).
         group_sizes: unit name -> group size.
         bits: widths to measure.
         symmetric: quantization symmetry.
@@ -367,8 +401,8 @@ def kl_sensitivities(
         dtype, and the number of units whose GPTQ fell back to RTN).
 
     Raises:
-        ValueError: an unknown quantizer, bad calibration or kl_windows, a router, an
-            embedding or a tied lm_head, a unit without a group size, or NaN/Inf
+        ValueError: an unknown quantizer, bad calibration or kl_windows, a router, a
+            tied lm_head or embedding, a unit without a group size, or NaN/Inf
             weights (naming the unit).
     """
     _check_args(calibration, units, group_sizes, quantizer, kl_windows, model.config)
@@ -402,9 +436,11 @@ def kl_sensitivities(
         inputs = run_layer(layer, inputs)
         if hess_inputs is not None:
             hess_inputs = run_layer(layer, hess_inputs)
-    heads = mine(todo.get(None, []))  # lm_head: after the float layers, on the final hidden states
+    heads = mine([u for u in todo.get(None, []) if u.kind == "lm_head"])  # after the float layers
     table |= head_kls(ref.head, chunks, inputs.hidden, heads, quant)
-    bar.update(len(heads) * len(bits))
+    embeds = mine([u for u in todo.get(None, []) if u.kind == "embedding"])  # through every float layer
+    table |= embedding_kls(model, work, measured, batch_size, embeds, ref, quant, compute_dtype)
+    bar.update((len(heads) + len(embeds)) * len(bits))
     bar.close()
     table = gather_dict(table, "KL sensitivities")
     if fallbacks:

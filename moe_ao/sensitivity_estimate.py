@@ -69,7 +69,8 @@ from moe_ao.progress import Progress
 from moe_ao.quant.batched import quantize_units
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, layer_scope, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.sensitivity import Head, _check_args, _local, _Quantize, check_head, default_compute_dtype, head_kl_sums
+from moe_ao.sensitivity import (Head, _check_args, _local, _Quantize, check_head, default_compute_dtype,
+                                embedding_inputs, head_kl_sums)
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,22 @@ def _layer_backward(layer: nn.Module, lp: str, units: list[Unit], cands: dict[st
         named[p].requires_grad_(False)
 
 
+def _embedding_terms(model: nn.Module, u: Unit, ids: torch.Tensor, float_inputs: LayerInputs,
+                     grads: list[list[torch.Tensor]], quant: _Quantize, dtype: torch.dtype, windows: list[int],
+                     acc: torch.Tensor) -> None:
+    """An embedding's squared directional derivatives: per window n and width b, the change
+    Δh of layer 0's inputs when the embedding alone is quantized at b bits, dotted with
+    their gradients ``grads[n]``, squared, into ``acc[windows[n], b]``."""
+    col = {b: j for j, b in enumerate(quant.bits)}
+
+    def add(b: int, inputs: LayerInputs) -> None:
+        for n, (h, h_float) in enumerate(zip(inputs.hidden, float_inputs.hidden)):
+            for g in grads[n]:
+                acc[windows[n], col[b]] += float(((h - h_float) * g).sum(dtype=torch.float64)) ** 2
+
+    embedding_inputs(model, u, ids, 1, quant, dtype, add)
+
+
 def _sum_over_ranks(acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every rank's [n_win, B] rows added up (each row is non-zero on one rank only: exact)."""
     rank, size = world()
@@ -216,8 +233,10 @@ def estimate_kl_sensitivities(
         model: the float model (not changed; may be streamed from its checkpoint).
         calibration: int64 [n, L] token windows. GPTQ's Hessians use all of them; the
             gradients the first ``windows``.
-        units: the units to estimate: decoder-layer linears (not routers) and an untied lm_head,
-            whose KL is measured exactly instead (RTN, on the windows' final hidden states).
+        units: the units to estimate: decoder-layer linears (not routers), an untied lm_head,
+            whose KL is measured exactly instead (RTN, on the windows' final hidden states), and
+            an untied input embedding (RTN; its change of layer 0's inputs dotted with their
+            gradients).
         group_sizes: unit name -> group size.
         bits: widths to estimate.
         symmetric: quantization symmetry.
@@ -288,26 +307,32 @@ def estimate_kl_sensitivities(
     # (summed per window) on the final hidden states.
     acc = {u.name: torch.zeros(n_win, len(bits), dtype=torch.float64) for u in units}
     quant = _Quantize(tuple(bits), group_sizes, symmetric, scale_dtype)
-    for name, sums in head_kl_sums(head, ids, final, todo.get(None, []), quant).items():
+    heads = [u for u in todo.get(None, []) if u.kind == "lm_head"]
+    for name, sums in head_kl_sums(head, ids, final, heads, quant).items():
         acc[name][ours] = sums
     grads = _head_grads(head, ids, LayerInputs(final, []), samples, seed, ours)
     del inputs, final
+    embeds = [u for u in todo.get(None, []) if u.kind == "embedding"]
     # Pass 2: backward, last layer first: the squared derivatives.
     for i in reversed(range(len(layers))):
-        if todo.get(i) or i > 0:
+        if todo.get(i) or i > 0 or embeds:
             layer = _working_copy(model, i, compute_dtype)
             lp = f"{prefix}.{i}"
             layer_cands = cands if quantizer == "gptq" else _quantized_at(
                 layer, lp, todo.get(i, []), bits, group_sizes, symmetric, scale_dtype, {})  # RTN: made again here
-            _layer_backward(layer, lp, todo.get(i, []), layer_cands, bits, stored[i], grads, i > 0, ours, acc)
+            _layer_backward(layer, lp, todo.get(i, []), layer_cands, bits, stored[i], grads, i > 0 or bool(embeds),
+                            ours, acc)
             for u in todo.get(i, []):
                 cands.pop(u.name, None)  # this layer is done: its GPTQ candidates are not needed again
+        if i == 0:
+            for u in embeds:  # grads now holds layer 0's input gradients
+                _embedding_terms(model, u, calibration[ours], stored[0], grads, quant, compute_dtype, ours, acc[u.name])
         stored[i] = None  # type: ignore[call-overload]
         bar.update()
     bar.close()
     acc = _sum_over_ranks(acc)
     tokens = n_win * calibration.shape[1]
-    table = {u.name: {b: max(0.0, float(v)) / (tokens if u.layer is None else 2 * samples * tokens)
+    table = {u.name: {b: max(0.0, float(v)) / (tokens if u.kind == "lm_head" else 2 * samples * tokens)
                       for b, v in zip(bits, acc[u.name].sum(0))} for u in units}
     meta = {"estimator": ESTIMATOR, "quantizer": quantizer, "windows": n_win, "samples": samples,
             "tokens": tokens, "seed": seed, "dtype": str(compute_dtype).split(".")[-1], "fallbacks": len(fallbacks)}

@@ -160,10 +160,11 @@ def test_validate_low_bit_router(mixtral_units):
     Plan({name: 8}, group_size=64).validate(mixtral_units)
 
 
-def test_validate_embedding_only_at_16_bits(mixtral_units):
-    with pytest.raises(ValueError, match=r"model\.embed_tokens.*\(16,\)"):
-        Plan({"model.embed_tokens": 4}, group_size=64).validate(mixtral_units)
+def test_validate_embedding_like_any_linear(mixtral_units):
+    Plan({"model.embed_tokens": 4}, group_size=64).validate(mixtral_units)  # rows of the table, groups of hidden
     Plan({"model.embed_tokens": 16}).validate(mixtral_units)
+    with pytest.raises(ValueError, match=r"model\.embed_tokens: group_size=48 does not divide in_features=64"):
+        Plan({"model.embed_tokens": 4}, group_size=48).validate(mixtral_units)
 
 
 def test_validate_fused_units_must_agree(mixtral_units):

@@ -120,7 +120,7 @@ def test_model_is_unchanged_and_results_are_deterministic():
         ({"quantizer": "awq"}, "quantizer='awq'"),
         ({"kl_windows": 0}, "kl_windows=0"),
         ({"calibration": torch.zeros(2, 4)}, "int64"),
-        ({"router": True}, "decoder-layer linears and lm_head only"),
+        ({"router": True}, "decoder-layer linears, lm_head and embeddings only"),
         ({"group_sizes": {}}, "group_sizes lacks 1 units"),
     ],
 )
@@ -169,10 +169,31 @@ def test_lm_head_kl_is_its_rtn_alone_and_the_estimate_measures_it(quantizer):
     assert set(est[attn.name]) == {2, 4}
 
 
-def test_a_tied_lm_head_is_refused_by_name():
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_embedding_kl_is_its_rtn_alone(quantizer):
+    """The input embedding is priced by the KL of RTN (what quantize_ does outside the layers),
+    every float layer running on the inputs it gives layer 0; the model is restored after."""
+    model = _f64("mixtral")
+    ids = _calib(model)
+    emb = next(u for u in units(model) if u.kind == "embedding")
+    attn = next(u for u in units(model) if u.kind == "attention")
+    before = unit_weight(model, emb).clone()
+    sizes = {emb.name: 32, attn.name: 32}
+    table, _ = kl_sensitivities(model, ids, [attn, emb], sizes, (2, 4), quantizer=quantizer, progress=False)
+    assert torch.equal(unit_weight(model, emb), before)
+    for b in (2, 4):
+        deq = rtn_quantize(before, b, 32, True, torch.float32).dequantize(torch.float64)
+        want = _reference_kl(model, emb, deq, ids)
+        assert want > 0
+        assert table[emb.name][b] == pytest.approx(want, rel=1e-6), b
+    assert table[emb.name][2] > table[emb.name][4]
+
+
+@pytest.mark.parametrize("kind,other", [("lm_head", "input embedding"), ("embedding", "output head")])
+def test_a_tied_head_or_embedding_is_refused_by_name(kind, other):
     model = archs.build("mixtral")
     model.lm_head.weight = model.model.embed_tokens.weight
-    head = next(u for u in units(model) if u.kind == "lm_head")
+    unit = next(u for u in units(model) if u.kind == kind)
     for measure in (kl_sensitivities, estimate_kl_sensitivities):
-        with pytest.raises(ValueError, match=f"{head.name}: its weight is tied to the input embedding"):
-            measure(model, _calib(model), [head], {head.name: 32}, (4,), progress=False)
+        with pytest.raises(ValueError, match=f"{unit.name}: its weight is tied to the {other}"):
+            measure(model, _calib(model), [unit], {unit.name: 32}, (4,), progress=False)

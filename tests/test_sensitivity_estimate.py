@@ -76,6 +76,21 @@ def test_estimate_converges_to_the_exact_second_order_kl(arch):
             assert table[u.name][b] == pytest.approx(want, rel=0.2), (u.name, b)
 
 
+def test_embedding_estimate_converges_to_the_exact_second_order_kl():
+    """The input embedding's term: its change of layer 0's inputs dotted with their gradients."""
+    model = _f64("mixtral")
+    ids = _calib(model, 4)
+    emb = next(u for u in units(model) if u.kind == "embedding")
+    table, _ = estimate_kl_sensitivities(model, ids, [emb], {emb.name: 32}, (2, 4), quantizer="rtn", samples=256,
+                                         progress=False)
+    W = model.get_parameter(emb.param).detach()
+    for b in (2, 4):
+        dW = W - rtn_quantize(W, b, 32, True, torch.float32).dequantize(torch.float64)
+        want = _second_order_kl(model, emb, dW, ids)
+        assert want > 0
+        assert table[emb.name][b] == pytest.approx(want, rel=0.2), b  # Monte Carlo, as above
+
+
 def test_estimate_tracks_the_measured_kl_at_small_errors():
     """At 8 bits the routed experts' measured KL is quadratic and the estimate matches it. Layer 0's
     attention and dense MLP of this random model are upstream of near-tied routers: an 8-bit error

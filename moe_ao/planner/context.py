@@ -68,8 +68,6 @@ def resolve_base(base: str | Mapping[str, int]) -> dict[str, int]:
             raise ValueError(f"base names kind {kind!r}; allowed kinds: {KINDS}")
         if isinstance(bits, bool) or bits not in ALLOWED_BITS:
             raise ValueError(f"base[{kind!r}]={bits!r} is not supported; allowed: {ALLOWED_BITS}")
-        if kind == "embedding" and bits < 16:
-            raise ValueError(f"base[{kind!r}]={bits}: embeddings cannot be quantized; allowed: (16,)")
         out[kind] = int(bits)
     if not out:
         raise ValueError("base is empty: name at least one kind to plan")

@@ -94,7 +94,7 @@ TARGETS: dict[str, ServingTarget] = {t.name: t for t in (
     ServingTarget("vllm-humming", (2, 3, 4, 8), (4, 8), (32, 64, 128), 32, True, _vllm_tie,
                   "vLLM with --moe-backend humming (2/3-bit MoE)"),
     ServingTarget("llama.cpp", (2, 3, 4, 8), (2, 3, 4, 8), None, 32, True, _llama_cpp_tie,
-                  "llama.cpp (GGUF: Q2_K/Q3_K/Q4_0/Q8_0, one type per tensor)", ("router", "embedding")),
+                  "llama.cpp (GGUF: Q2_K/Q3_K/Q4_0/Q8_0, one type per tensor)", ("router",)),
 )}
 
 

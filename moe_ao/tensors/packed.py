@@ -233,6 +233,28 @@ class PackedWeight(TorchAOBaseTensor):
             out = part if out is None else out + part
         return out.reshape(*ids.shape, N, K)  # [..., n_seg, R, K] -> [..., N, K]
 
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dense rows ``ids`` ([...] int) of a 2D tensor -> [..., K]: an embedding lookup that
+        unpacks only the rows it reads (T rows of codes, never the table)."""
+        assert len(self.logical_shape) == 2, f"{self.logical_shape=}"
+        K, R = self.logical_shape[1], self.rows_per_slice
+        info = self.slot[torch.div(ids, R, rounding_mode="floor")].long()  # [..., 3]: each row's slice
+        within = ids % R
+        out = None
+        for b in self.present_bits:
+            if b == 16:
+                n_b = self.d16.shape[0]
+                part = self.d16[info[..., 1].clamp(max=n_b - 1), within]
+            else:
+                q, s, z = (getattr(self, n) for n in _buffer_names(b))
+                pos = info[..., 1].clamp(max=q.shape[0] - 1)
+                part = dequantize_codes(unpack_codes(q[pos, within], b, K), s[pos, within],
+                                        z[pos, within] if z is not None else None, b, self.group_size, self.dtype)
+            if len(self.present_bits) > 1:
+                part = torch.where((info[..., 0] == b).unsqueeze(-1), part, 0)
+            out = part if out is None else out + part
+        return out
+
     def _stable_hash_for_caching(self) -> str:
         """Deterministic metadata key for the AOT autograd cache (values excluded)."""
         flat, attrs = self.__tensor_flatten__()
@@ -262,6 +284,18 @@ def _linear(func, types, args, kwargs):
         raise NotImplementedError("PackedWeight: F.linear with a packed input or bias")
     out = dispatch.linear(x, w)  # a kernel reads the packed codes directly: no dense weight
     return out if bias is None else out + bias
+
+
+@implements_torch_function([F.embedding, torch.nn.functional.embedding])
+def _embedding(func, types, args, kwargs):
+    params = dict(zip(("input", "weight", "padding_idx", "max_norm"), args)) | kwargs
+    ids, w = params["input"], params["weight"]
+    if not isinstance(w, PackedWeight) or len(w.logical_shape) != 2 or isinstance(ids, PackedWeight):
+        raise NotImplementedError("PackedWeight: F.embedding needs integer ids and a 2D packed weight")
+    if params.get("max_norm") is not None:
+        raise NotImplementedError("PackedWeight: F.embedding with max_norm renormalises the table in place; "
+                                  "a packed table is read only")
+    return w.dequantize_rows(ids)  # padding_idx only changes gradients: the packed table has none
 
 
 @implements(_aten.index.Tensor)

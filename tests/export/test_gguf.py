@@ -112,16 +112,20 @@ def test_q4_0_q8_0_read_back_equal_moe_ao_weights(bits, group_size, tmp_path):
         torch.testing.assert_close(got, c.dequantize().float(), rtol=2**-8, atol=0)  # moe_ao rounds w to bf16
 
 
-def test_quantized_head_is_the_output_tensor(tmp_path):
-    """A 4-bit lm_head is written as a Q4_0 output.weight holding moe_ao's codes; the tied-free
-    head of these models is the one a plan may quantize."""
+@pytest.mark.parametrize("kind,gguf_name", [("lm_head", "output.weight"), ("embedding", "token_embd.weight")])
+def test_quantized_head_and_embedding_hold_moe_aos_codes(kind, gguf_name, tmp_path):
+    """A 4-bit lm_head or input embedding is written as a Q4_0 tensor (output.weight,
+    token_embd.weight) holding moe_ao's codes; the untied ones of these models are the ones
+    a plan may quantize."""
     model, tok = tiny("olmoe")
     plan = llama_plan(model, 4, 4)
-    head = next(u for u in moe_ao.units(model) if u.kind == "lm_head")
-    moe_ao.quantize_(model, Plan({**{n: plan[n].bits for n in plan}, head.name: 4}, group_size=32))
+    unit = next(u for u in moe_ao.units(model) if u.kind == kind)
+    moe_ao.quantize_(model, Plan({**{n: plan[n].bits for n in plan}, unit.name: 4}, group_size=32))
     _, tensors = read(export(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok))
-    assert tensors["output.weight"].tensor_type.name == "Q4_0"
-    assert torch.equal(dequantized(tensors["output.weight"]), fp16_scaled(unit_codes(model, head)).dequantize().float())
+    assert tensors[gguf_name].tensor_type.name == "Q4_0"
+    assert torch.equal(dequantized(tensors[gguf_name]), fp16_scaled(unit_codes(model, unit)).dequantize().float())
+    other = "token_embd.weight" if kind == "lm_head" else "output.weight"
+    assert tensors[other].tensor_type.name not in ("Q4_0", "Q8_0", "Q2_K", "Q3_K")  # the other stays float
 
 
 def test_k_quants_where_rows_allow_and_q4_0_where_not(tmp_path):

@@ -52,8 +52,7 @@ def test_resolve_base():
         resolve_base({"mlp": 4})
     with pytest.raises(ValueError, match=r"base\['expert'\]=5 is not supported"):
         resolve_base({"expert": 5})
-    with pytest.raises(ValueError, match="embeddings cannot be quantized"):
-        resolve_base({"embedding": 8})
+    assert resolve_base({"embedding": 8, "lm_head": 4}) == {"embedding": 8, "lm_head": 4}  # priced like any unit
 
 
 def test_base_mapping_limits_planned_kinds(model):

@@ -75,11 +75,12 @@ def test_check_plan_names_the_layer(model):
     with pytest.raises(ValueError, match=r"asymmetric codes are not supported by llama.cpp"):
         check_plan(Plan({u.name: 4 for u in us if u.kind == "expert"}, group_size=32, symmetric=False), us,
                    get_target("llama.cpp"))
-    head = Plan({u.name: 4 for u in us if u.kind in ("expert", "lm_head")}, group_size=32)
-    assert any(u.kind == "lm_head" for u in us)
-    check_plan(head, us, get_target("llama.cpp"))  # GGUF's output.weight is quantized like any linear
-    with pytest.raises(ValueError, match=r"lm_head: vLLM .* keeps lm_heads unquantized; plan it at 16 bits"):
-        check_plan(head, us, get_target("vllm"))
+    for kind, name in (("lm_head", "lm_head"), ("embedding", r"model\.embed_tokens")):
+        outside = Plan({u.name: 4 for u in us if u.kind in ("expert", kind)}, group_size=32)
+        assert any(u.kind == kind for u in us)
+        check_plan(outside, us, get_target("llama.cpp"))  # GGUF's output / token_embd are quantized like any linear
+        with pytest.raises(ValueError, match=rf"{name}: vLLM .* keeps {kind}s unquantized; plan it at 16 bits"):
+            check_plan(outside, us, get_target("vllm"))
     with pytest.raises(ValueError, match=r"serving='sglang' is not known; allowed: \['llama.cpp', 'vllm'"):
         get_target("sglang")
 
