@@ -19,7 +19,8 @@ IDS = torch.randint(0, archs.VOCAB, (4, 24), generator=torch.Generator().manual_
 
 def mixed_plan(units) -> moe_ao.Plan:
     entries = {u.name: (2, 3, 4, 8)[(u.expert + u.segment) % 4] for u in units if u.kind == "expert"}
-    entries |= {u.name: 4 for u in units if u.kind in ("attention", "shared_expert", "dense_mlp")}
+    entries |= {u.name: 4 for u in units if u.kind in ("attention", "shared_expert", "dense_mlp", "lm_head")}
+    entries |= {u.name: 8 for u in units if u.kind == "embedding"}  # outside the layers: packed with the rest
     return moe_ao.Plan(entries, group_size=32)
 
 

@@ -194,6 +194,23 @@ def test_parameter_in_linear_module():
     torch.testing.assert_close(lin(x), F.linear(x, dense, lin.bias), **close(torch.bfloat16))
 
 
+@pytest.mark.parametrize("pattern", ["b2", "b3", "b4", "b8", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_embedding_reads_the_rows_of_the_reference(pattern, dtype, symmetric):
+    """F.embedding (nn.Embedding's forward) on a 2D packed table: the reference's rows, from
+    every slice (mixed: 2/3/16/4/8-bit slices of one table), ids in any shape and order."""
+    w, dense = build(None, 5, PATTERNS[pattern], 32, dtype, symmetric)
+    ids = torch.randint(0, 5 * R, (3, 11), generator=torch.Generator().manual_seed(1))
+    ids[0, :3] = torch.tensor([0, 5 * R - 1, 0])  # both ends of the table, repeated
+    assert torch.equal(F.embedding(ids, w), dense[ids])
+    emb = nn.Embedding(5 * R, K, padding_idx=0, dtype=dtype)
+    emb.weight = nn.Parameter(w, requires_grad=False)
+    assert torch.equal(emb(ids), dense[ids])
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        F.embedding(ids, w, max_norm=1.0)
+
+
 # ------------------------------------------------------------------ compile
 def index_bmm(w: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w[ids], x)  # [S, N, K] @ [S, K, 1]
@@ -229,6 +246,14 @@ def test_compile_linear_fullgraph(backend, symmetric):
     compiled = torch.compile(linear, fullgraph=True, backend=backend)(x, w)
     torch.testing.assert_close(compiled, F.linear(x, w), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(compiled, F.linear(x, dense), **close(torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_embedding_fullgraph(backend):
+    w, dense = build(None, 5, PATTERNS["mixed"], 32, torch.bfloat16)
+    ids = torch.tensor([[5 * R - 1, 0, 3], [7, 7, 2 * R]])
+    compiled = torch.compile(F.embedding, fullgraph=True, backend=backend)(ids, w)
+    assert torch.equal(compiled, dense[ids])
 
 
 # -------------------------------------------------------------- unsupported
