@@ -76,7 +76,9 @@ class ServingTarget:
     float_kinds: tuple[str, ...] = ("router", "embedding", "lm_head")
 
     def widths(self, unit: Unit) -> tuple[int, ...]:
-        """Quantized widths allowed for ``unit``."""
+        """Quantized widths allowed for ``unit`` (none for the kinds the engine keeps in float)."""
+        if unit.kind in self.float_kinds:
+            return ()
         return self.expert_widths if unit.kind == "expert" else self.linear_widths
 
     def group_ok(self, unit: Unit, group_size: int) -> bool:
