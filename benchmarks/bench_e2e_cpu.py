@@ -15,7 +15,8 @@ group 32, symmetric, so that llama.cpp's formats hold the same codes:
   requantized to Q2_K, attention Q4_0).
 
 ``--head-bits`` (default 4) quantizes the output head too, as llama.cpp's quantizers do
-(Q4_0 here: the same codes; 16 keeps it bf16 in every engine). Every run is a fresh
+(Q4_0 here: the same codes; 16 keeps it bf16 in every engine); ``--embed-bits`` (default 16)
+the input embedding likewise (GGUF token_embd). Every run is a fresh
 process with 2 threads: load, then a 512-token prompt (one forward, batch B) and 64
 greedy decode steps, after a warm-up on a short prompt; every forward computes the
 logits of the last position only (``logits_to_keep=1``, as ``generate`` and llama.cpp
@@ -131,11 +132,12 @@ def config(name: str):
     raise ValueError(f"model {name!r}; allowed: mixtral2, olmoe2")
 
 
-def plan_for(name: str, units, head_bits: int):
+def plan_for(name: str, units, head_bits: int, embed_bits: int = 16):
     import moe_ao
 
     linears = [u for u in units if u.kind in ("attention", "expert", "shared_expert", "dense_mlp")]
     head = {u.name: head_bits for u in units if u.kind == "lm_head" and head_bits != 16}
+    head |= {u.name: embed_bits for u in units if u.kind == "embedding" and embed_bits != 16}
     if name == "4bit":
         return moe_ao.Plan({u.name: 4 for u in linears} | head, group_size=32)
     if name == "2bit-exp":
@@ -143,7 +145,7 @@ def plan_for(name: str, units, head_bits: int):
     raise ValueError(f"plan {name!r}; allowed: 4bit, 2bit-exp")
 
 
-def make(root: Path, name: str, plans: list[str], head_bits: int) -> tuple[Path, dict[str, Path]]:
+def make(root: Path, name: str, plans: list[str], head_bits: int, embed_bits: int = 16) -> tuple[Path, dict[str, Path]]:
     """The random bf16 checkpoint (with the embedded tokenizer, padded to the vocab) and its quantized twins."""
     import moe_ao
     from moe_ao.stream import StreamedModel, quantize_pretrained, write_random_checkpoint
@@ -156,9 +158,10 @@ def make(root: Path, name: str, plans: list[str], head_bits: int) -> tuple[Path,
     units = moe_ao.units(StreamedModel(src).model)
     out = {}
     for p in plans:
-        out[p] = root / (f"{name}-{p}" + ("" if head_bits == 16 else f"-head{head_bits}"))
+        out[p] = root / (f"{name}-{p}" + ("" if head_bits == 16 else f"-head{head_bits}")
+                         + ("" if embed_bits == 16 else f"-emb{embed_bits}"))
         if not (out[p] / "moe_ao.json").is_file():
-            quantize_pretrained(src, plan_for(p, units, head_bits), out[p], method="rtn", overwrite=True)
+            quantize_pretrained(src, plan_for(p, units, head_bits, embed_bits), out[p], method="rtn", overwrite=True)
     return src, out
 
 
@@ -192,6 +195,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--head-bits", type=int, default=4, choices=[4, 8, 16], help="output head (16: bf16)")
+    ap.add_argument("--embed-bits", type=int, default=16, choices=[4, 8, 16],
+                    help="input embedding (16: bf16; llama.cpp's quantizers store it at the model's type)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/e2e_cpu.md")
     args = ap.parse_args()
@@ -199,7 +204,7 @@ def main() -> None:
     llama_py = os.environ.get("MOE_AO_LLAMA_CPP_PYTHON", sys.executable)
     rows = []
     for name in args.models:
-        src, quantized = make(args.root, name, args.plans, args.head_bits)
+        src, quantized = make(args.root, name, args.plans, args.head_bits, args.embed_bits)
         cases = [("bf16", "bf16", src)] + [(f"moe_ao {p}", "moe_ao", q) for p, q in quantized.items()]
         for label, kind, path in cases:
             for mode in args.modes:
@@ -223,7 +228,9 @@ def write_report(args, rows) -> None:
              f"Machine: {machine()}; {args.threads} threads per run; load average {os.getloadavg()[0]:.1f} at the "
              "end", "",
              f"`python benchmarks/bench_e2e_cpu.py --root ROOT --models {' '.join(args.models)} --head-bits "
-             f"{args.head_bits}`: output head {'bf16' if args.head_bits == 16 else f'{args.head_bits}-bit'}; a "
+             f"{args.head_bits} --embed-bits {args.embed_bits}`: output head "
+             f"{'bf16' if args.head_bits == 16 else f'{args.head_bits}-bit'}, input embedding "
+             f"{'bf16' if args.embed_bits == 16 else f'{args.embed_bits}-bit'}; a "
              f"{args.prompt}-token prompt per sequence (one forward of batch x {args.prompt} tokens), then "
              f"{args.steps} greedy steps; tokens/s count every sequence of the batch. Peak RSS is the process's "
              "VmHWM (imports and the loaded model included). Ratios are against bf16 in the same mode and batch.",
