@@ -215,15 +215,15 @@ def head_kl_sums(head: Head, chunks: Sequence[torch.Tensor], final: Sequence[tor
 
 def check_head(model: nn.Module, units: Sequence[Unit]) -> None:
     """Raises ValueError when an lm_head or embedding unit's weight is tied to the other
-    (``quantize_`` refuses to quantize it, so there is nothing to measure)."""
+    (``quantize_`` quantizes such a pair only as one tensor, so neither has a KL alone)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = emb is not None and head is not None and head.weight is emb.weight
     for u in units:
         if tied and u.kind in ("lm_head", "embedding"):
             other = "input embedding" if u.kind == "lm_head" else "output head"
-            raise ValueError(f"{u.name}: its weight is tied to the {other}; untie it (or leave {u.kind} out "
-                             f"of the planned kinds) to measure or quantize it")
+            raise ValueError(f"{u.name}: its weight is tied to the {other}; one unit of the pair has no KL of "
+                             f"its own: untie it (or leave {u.kind} out of the planned kinds) to measure it")
 
 
 def embedding_inputs(model: nn.Module, u: Unit, ids: torch.Tensor, batch_size: int, quant: _Quantize,

@@ -55,8 +55,7 @@ def resolve_base(base: str | Mapping[str, int]) -> dict[str, int]:
     """Kind -> starting bits, from a base name or an explicit mapping.
 
     Raises:
-        ValueError: unknown base name, unknown kind, unsupported bits, or a quantized
-            embedding.
+        ValueError: unknown base name, unknown kind, or unsupported bits.
     """
     if isinstance(base, str):
         if base not in BASES:

@@ -146,3 +146,24 @@ def test_failure_mid_run_keeps_finished_layers_and_resumes(source, tmp_path):
     resume = [p for p in tmp_path.iterdir() if "moe_ao-resume" in p.name]
     assert len(resume) == 1 and (resume[0] / "model-layer-00000.safetensors").is_file()
     assert not (tmp_path / "q").exists()
+
+
+def test_tied_embedding_and_head_stream_as_one_tensor(tmp_path):
+    """A tied checkpoint (one [V, d] tensor on disk) planned with both units alike: streamed
+    equals in memory, and the loaded head shares the packed embedding."""
+    cfg = archs.configs()["mixtral"]
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    float_model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    float_model.save_pretrained(tmp_path / "src")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    units = moe_ao.units(ref)
+    plan = moe_ao.Plan({u.name: 4 for u in units if u.kind in ("attention", "expert", "embedding", "lm_head")},
+                       group_size=32)
+    got = moe_ao.load_quantized(quantize_pretrained(tmp_path / "src", plan, tmp_path / "q", method="rtn"))
+    moe_ao.quantize_(ref, plan)
+    assert isinstance(got.lm_head.weight, moe_ao.PackedWeight) and got.lm_head.weight is got.model.embed_tokens.weight
+    assert same_params(got, ref)
+    with torch.no_grad():
+        assert torch.equal(got(IDS).logits, ref(IDS).logits)
