@@ -249,9 +249,10 @@ def embedding_kls(model: nn.Module, work: Sequence[nn.Module], measured: torch.T
     the float layers and head run on the inputs it gives layer 0."""
     table: dict[str, dict[int, float]] = {}
     for u in units:
-        row = table[u.name] = {}
-        embedding_inputs(model, u, measured, batch_size, quant, dtype,
-                         lambda b, inputs: row.__setitem__(b, ref.kl(_tail(work, 0, inputs))))
+        def put(b: int, inputs: LayerInputs, row: dict[int, float] = table.setdefault(u.name, {})) -> None:
+            row[b] = ref.kl(_tail(work, 0, inputs))
+
+        embedding_inputs(model, u, measured, batch_size, quant, dtype, put)
     return table
 
 

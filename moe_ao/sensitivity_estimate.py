@@ -69,8 +69,16 @@ from moe_ao.progress import Progress
 from moe_ao.quant.batched import quantize_units
 from moe_ao.quant.layerwise import LayerInputs, capture_inputs, layer_scope, run_layer
 from moe_ao.quant.observers import LayerObserver
-from moe_ao.sensitivity import (Head, _check_args, _local, _Quantize, check_head, default_compute_dtype,
-                                embedding_inputs, head_kl_sums)
+from moe_ao.sensitivity import (
+    Head,
+    _check_args,
+    _local,
+    _Quantize,
+    check_head,
+    default_compute_dtype,
+    embedding_inputs,
+    head_kl_sums,
+)
 from moe_ao.unit import Unit
 
 logger = logging.getLogger(__name__)
