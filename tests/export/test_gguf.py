@@ -114,9 +114,8 @@ def test_q4_0_q8_0_read_back_equal_moe_ao_weights(bits, group_size, tmp_path):
 
 @pytest.mark.parametrize("kind,gguf_name", [("lm_head", "output.weight"), ("embedding", "token_embd.weight")])
 def test_quantized_head_and_embedding_hold_moe_aos_codes(kind, gguf_name, tmp_path):
-    """A 4-bit lm_head or input embedding is written as a Q4_0 tensor (output.weight,
-    token_embd.weight) holding moe_ao's codes; the untied ones of these models are the ones
-    a plan may quantize."""
+    """A 4-bit lm_head or input embedding (untied in these random models) is written as a
+    Q4_0 tensor (output.weight, token_embd.weight) holding moe_ao's codes."""
     model, tok = tiny("olmoe")
     plan = llama_plan(model, 4, 4)
     unit = next(u for u in moe_ao.units(model) if u.kind == kind)

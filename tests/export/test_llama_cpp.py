@@ -34,8 +34,8 @@ def test_all_q4_0_q8_0_export_matches_moe_ao(name, tmp_path, monkeypatch):
     to 8 bits. A wrong code, scale or row order costs orders of magnitude more."""
     model, tok = models.load(name)
     plan = moe_ao.plan(model, "uniform", bits=4, group_size=32, serving="llama.cpp",
-                       base={"attention": 8, "expert": 4, "shared_expert": 8, "dense_mlp": 8, "embedding": 8,
-                             "lm_head": 8})  # uniform: every kind of the base at 4 bits
+                       base={"attention": 4, "expert": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 4,
+                             "lm_head": 4})  # uniform: every kind the base names, at 4 bits
     moe_ao.quantize_(model, plan)
     # the input embedding and head (tied in these models: one tensor) too: Q4_0 token_embd and output
     assert {plan[u.name].bits for u in moe_ao.units(model) if u.kind in ("embedding", "lm_head")} == {4}
